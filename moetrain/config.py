@@ -1,0 +1,169 @@
+"""Typed configuration: the schema for the model, its MoE layers and load balancing.
+
+YAML files in configs/ hold values only; every cross-field rule lives in a `validate()` here and
+runs once at start-up, before any weight is allocated or any collective is issued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROUTERS = ("softmax_topk", "sigmoid", "top1", "expert_choice")
+AUX_LOSSES = ("none", "switch", "sequence")
+AUX_LOSS_STATS = ("micro_batch", "global_batch")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class BalanceConfig:
+    """Load balancing: an auxiliary loss, a router z-loss and/or the aux-loss-free expert bias."""
+
+    aux_loss: str = "none"  # none | switch | sequence
+    aux_loss_coef: float = 0.01  # Switch's alpha; DeepSeek-V3 uses ~1e-4 for the sequence loss
+    # micro_batch: f_i from this rank's tokens; global_batch: f_i all-reduced over data-parallel
+    # ranks (the reduce is installed by moetrain.parallel; in one process both are the same).
+    aux_loss_stats: str = "micro_batch"
+    z_loss_coef: float = 0.0
+    aux_free: bool = False  # DeepSeek-V3 bias balancing, updated after each optimizer step
+    bias_update_rate: float = 1e-3  # gamma
+    bias_center: bool = False  # subtract the mean after each update so the bias cannot drift
+
+    def validate(self) -> None:
+        _check(self.aux_loss in AUX_LOSSES,
+               f"balance.aux_loss={self.aux_loss!r} is not one of {', '.join(AUX_LOSSES)}")
+        _check(self.aux_loss_stats in AUX_LOSS_STATS,
+               f"balance.aux_loss_stats={self.aux_loss_stats!r} is not one of "
+               f"{', '.join(AUX_LOSS_STATS)}")
+        _check(self.aux_loss_coef >= 0,
+               f"balance.aux_loss_coef={self.aux_loss_coef} must be >= 0")
+        _check(self.z_loss_coef >= 0, f"balance.z_loss_coef={self.z_loss_coef} must be >= 0")
+        _check(self.bias_update_rate > 0,
+               f"balance.bias_update_rate={self.bias_update_rate} must be > 0")
+        _check(not (self.aux_loss == "sequence" and self.aux_loss_stats == "global_batch"),
+               "balance.aux_loss_stats=global_batch applies to the switch loss; the sequence "
+               "loss is per sequence by definition (use micro_batch)")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE FFN: router, routed experts, optional shared experts and capacity."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256
+    router: str = "softmax_topk"  # softmax_topk | sigmoid | top1 | expert_choice
+    norm_topk_prob: bool = True  # renormalise the k gate weights to sum to 1
+    route_scale: float = 1.0  # DeepSeek-V3 multiplies the (normalised) gates by this
+    n_groups: int = 1  # group-limited routing (sigmoid router): experts split into groups
+    topk_groups: int = 1  # groups kept per token
+    n_shared_experts: int = 0
+    shared_hidden: int | None = None  # hidden size of one shared expert; None = expert_hidden
+    capacity_factor: float | None = None  # None = dropless
+    router_jitter: float = 0.0  # multiplicative input noise in [1-eps, 1+eps] while training
+    freeze_router: bool = False  # fine-tuning: router weight gets no gradient
+
+    def validate(self) -> None:
+        E, k = self.num_experts, self.top_k
+        _check(self.router in ROUTERS,
+               f"moe.router={self.router!r} is not one of {', '.join(ROUTERS)}")
+        _check(E >= 1, f"moe.num_experts={E} must be >= 1")
+        _check(self.expert_hidden >= 1, f"moe.expert_hidden={self.expert_hidden} must be >= 1")
+        _check(1 <= k <= E, f"moe.top_k={k} must be between 1 and moe.num_experts={E}")
+        if self.router == "top1":
+            _check(k == 1, f"moe.top_k={k} but router 'top1' routes each token to exactly 1 "
+                           "expert; set moe.top_k=1 or use router 'softmax_topk'")
+        _check(self.capacity_factor is None or self.capacity_factor > 0,
+               f"moe.capacity_factor={self.capacity_factor} must be > 0, or null for dropless")
+        _check(self.n_groups >= 1, f"moe.n_groups={self.n_groups} must be >= 1")
+        _check(E % self.n_groups == 0,
+               f"moe.num_experts={E} is not divisible into moe.n_groups={self.n_groups} groups")
+        _check(1 <= self.topk_groups <= self.n_groups,
+               f"moe.topk_groups={self.topk_groups} must be between 1 and "
+               f"moe.n_groups={self.n_groups}")
+        if self.n_groups > 1:
+            _check(self.router == "sigmoid",
+                   f"moe.n_groups={self.n_groups} (group-limited routing) needs router "
+                   f"'sigmoid', not {self.router!r}")
+            per_group = E // self.n_groups
+            _check(per_group >= 2, f"moe.n_groups={self.n_groups} leaves {per_group} expert per "
+                                   "group; a group's score is the sum of its top-2 experts, "
+                                   "so each group needs >= 2")
+            reachable = self.topk_groups * per_group
+            _check(k <= reachable,
+                   f"moe.top_k={k} exceeds the {reachable} experts in moe.topk_groups="
+                   f"{self.topk_groups} groups of {per_group}")
+        _check(self.route_scale > 0, f"moe.route_scale={self.route_scale} must be > 0")
+        _check(self.n_shared_experts >= 0,
+               f"moe.n_shared_experts={self.n_shared_experts} must be >= 0")
+        _check(self.shared_hidden is None or self.shared_hidden >= 1,
+               f"moe.shared_hidden={self.shared_hidden} must be >= 1 or null")
+        _check(0 <= self.router_jitter < 1,
+               f"moe.router_jitter={self.router_jitter} must be in [0, 1)")
+
+    @property
+    def shared_hidden_size(self) -> int:
+        """Hidden size of the fused shared-expert FFN (all shared experts in one SwiGLU)."""
+        per_expert = self.shared_hidden if self.shared_hidden is not None else self.expert_hidden
+        return self.n_shared_experts * per_expert
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only Transformer; FFNs are dense for the first `first_k_dense` layers, then MoE."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (no grouped-query attention)
+    ffn_hidden: int = 512  # dense SwiGLU layers
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    first_k_dense: int = 0
+    moe: MoEConfig | None = field(default_factory=MoEConfig)  # None = a dense model
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{name}={value} must be >= 1")
+        _check(self.dim % self.n_heads == 0,
+               f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        _check((self.dim // self.n_heads) % 2 == 0,
+               f"head dim model.dim/model.n_heads={self.dim // self.n_heads} must be even for "
+               "rotary embeddings")
+        kv = self.kv_heads
+        _check(1 <= kv <= self.n_heads and self.n_heads % kv == 0,
+               f"model.n_kv_heads={kv} must divide model.n_heads={self.n_heads}")
+        _check(0 <= self.first_k_dense <= self.n_layers,
+               f"model.first_k_dense={self.first_k_dense} must be between 0 and "
+               f"model.n_layers={self.n_layers}")
+        _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+        if self.moe is not None:
+            self.moe.validate()
+            if self.balance.aux_free:
+                _check(self.moe.router == "sigmoid",
+                       f"balance.aux_free=true needs moe.router='sigmoid' (the bias shifts "
+                       f"selection scores), not {self.moe.router!r}")
+            if self.moe.router == "expert_choice":
+                _check(self.balance.aux_loss == "none" and not self.balance.aux_free,
+                       "moe.router='expert_choice' is balanced by construction; set "
+                       "balance.aux_loss=none and balance.aux_free=false")
+        self.balance.validate()
+
+    @property
+    def moe_layers(self) -> list[int]:
+        if self.moe is None:
+            return []
+        return list(range(self.first_k_dense, self.n_layers))

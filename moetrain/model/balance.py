@@ -1,0 +1,113 @@
+"""Load balancing: pure loss functions, load statistics and the aux-loss-free bias update.
+
+Shapes follow router.py: N tokens, E experts, k experts per token, L MoE layers.
+Global statistics never come from here: callers pass a `reduce` (a sum over ranks) that
+moetrain.parallel installs; in one process it is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def switch_aux_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard: E * sum_i f_i * P_i.
+
+    probs (N, E): router probabilities (differentiable); tokens_per_expert (E,): top-k assignment
+    counts before any capacity drop, f_i = count_i / sum(count). Equals 1 at uniform routing."""
+    num_experts = probs.shape[-1]
+    f = tokens_per_expert.float() / tokens_per_expert.sum().clamp(min=1)
+    P = probs.mean(dim=0)
+    return num_experts * torch.sum(f * P)
+
+
+def sequence_aux_loss(probs: torch.Tensor, topk_ids: torch.Tensor, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss, averaged over sequences (alpha applied by caller).
+
+    probs (B, T, E): normalised scores s'_{t,i}; topk_ids (B, T, k) selected experts.
+    f_i = E / (k * T) * count_i, P_i = mean_t s'_{t,i}; loss = mean_b sum_i f_i P_i."""
+    B, T, E = probs.shape
+    counts = torch.zeros(B, E, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(1, topk_ids.reshape(B, -1), torch.ones_like(topk_ids.reshape(B, -1),
+                                                                  dtype=probs.dtype))
+    f = counts * (E / (top_k * T))
+    P = probs.mean(dim=1)  # (B, E)
+    return torch.sum(f * P, dim=-1).mean()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE: mean over tokens of logsumexp(logits)^2; logits (N, E) in fp32."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def load_metrics(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Balance statistics of loads (..., E): works per layer (E,) or stacked (L, E).
+
+    max_violation: max_load / mean_load - 1 (0 when perfectly balanced);
+    entropy: load entropy / log(E) in [0, 1]; dead_experts: experts with zero tokens."""
+    load = tokens_per_expert.float()
+    total = load.sum(dim=-1, keepdim=True).clamp(min=1)
+    fraction = load / total
+    mean_load = load.mean(dim=-1).clamp(min=1e-9)
+    num_experts = load.shape[-1]
+    plogp = torch.where(fraction > 0, fraction * fraction.clamp(min=1e-30).log(),
+                        torch.zeros_like(fraction))
+    entropy = -plogp.sum(dim=-1) / max(torch.log(torch.tensor(float(num_experts))).item(), 1e-9)
+    return {
+        "load_fraction": fraction,
+        "max_violation": load.max(dim=-1).values / mean_load - 1,
+        "entropy": entropy,
+        "dead_experts": (load == 0).sum(dim=-1),
+    }
+
+
+@torch.no_grad()
+def update_expert_bias(moe_layers: Iterable, rate: float, center: bool = False,
+                       reduce: Reduce | None = None) -> torch.Tensor:
+    """DeepSeek-V3 aux-loss-free balancing, called once after each optimizer step.
+
+    bias_i += rate * sign(mean_load - load_i), with load_i counted over the whole step (every
+    micro-batch, summed over ranks by `reduce`: one collective for all layers). The bias changes
+    which experts are selected, never the gate weights. Returns the (L, E) loads it used."""
+    layers = list(moe_layers)
+    if not layers:
+        return torch.empty(0)
+    loads = torch.stack([layer.step_tokens_per_expert for layer in layers])  # (L, E)
+    if reduce is not None:
+        loads = reduce(loads)
+    delta = rate * torch.sign(loads.mean(dim=-1, keepdim=True) - loads)
+    for layer, layer_delta in zip(layers, delta):
+        bias = layer.router.expert_bias
+        bias.add_(layer_delta.to(bias.dtype))
+        if center:
+            bias.sub_(bias.mean())
+        layer.step_tokens_per_expert.zero_()
+    return loads
+
+
+def moe_layer_stats(moe_layers: Iterable) -> dict[str, torch.Tensor]:
+    """Every MoE layer's stats from its last forward, stacked (L, ...) and moved to the host in
+    one transfer, so logging costs one device-to-host sync per step, not one per layer."""
+    layers = list(moe_layers)
+    if not layers or not layers[0].last_stats:
+        return {}
+    tokens = torch.stack([layer.last_stats["tokens_per_expert"] for layer in layers]).float()
+    scalars = torch.stack([torch.stack([layer.last_stats[name].float() for layer in layers])
+                           for name in ("dropped_fraction", "aux_loss", "z_loss")])  # (3, L)
+    metrics = load_metrics(tokens)
+    L, E = tokens.shape
+    packed = torch.cat([tokens.reshape(-1), metrics["load_fraction"].reshape(-1),
+                        metrics["max_violation"], metrics["entropy"],
+                        metrics["dead_experts"].float(), scalars.reshape(-1)]).cpu()
+    tokens, fraction, max_violation, entropy, dead, scalars = packed.split(
+        [L * E, L * E, L, L, L, 3 * L])
+    dropped, aux, z = scalars.view(3, L)
+    return {
+        "tokens_per_expert": tokens.view(L, E), "load_fraction": fraction.view(L, E),
+        "max_violation": max_violation, "entropy": entropy, "dead_experts": dead.long(),
+        "dropped_fraction": dropped, "aux_loss": aux, "z_loss": z,
+    }

@@ -1,0 +1,134 @@
+"""The MoE layer: router -> dispatcher -> grouped experts -> combine (+ shared experts).
+
+    out[t] = shared(x[t]) + sum_{i routed for t} g_i * expert_i(x[t])
+
+The layer only knows "a dispatcher". `LocalDispatcher` (one process) is a permutation;
+moetrain.parallel swaps in an all-to-all one. Shapes: see the legend in router.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moetrain.config import BalanceConfig, MoEConfig
+from moetrain.model import balance
+from moetrain.model.experts import GroupedExperts, SwiGLU
+from moetrain.model.router import Router
+
+
+class LocalDispatcher:
+    """Sort assignments by expert, run them grouped, scatter weighted outputs back to tokens."""
+
+    def dispatch(self, x, token_ids, expert_ids, weights, num_experts):
+        """x (N, D) -> (expert_input (M, D) sorted by expert, tokens_per_expert (E,), state)."""
+        order = torch.argsort(expert_ids, stable=True)
+        tokens_per_expert = torch.bincount(expert_ids, minlength=num_experts)
+        sorted_token_ids = token_ids[order]
+        return x[sorted_token_ids], tokens_per_expert, (sorted_token_ids, weights[order])
+
+    def combine(self, expert_output, state, num_tokens):
+        """expert_output (M, D) in dispatch order -> routed output (N, D)."""
+        sorted_token_ids, sorted_weights = state
+        weighted = expert_output * sorted_weights.unsqueeze(-1).to(expert_output.dtype)
+        out = expert_output.new_zeros(num_tokens, expert_output.shape[-1])
+        return out.index_add(0, sorted_token_ids, weighted)
+
+
+def capacity_keep_mask(expert_ids: torch.Tensor, priority: torch.Tensor, capacity: int,
+                       num_experts: int) -> torch.Tensor:
+    """(M,) bool: for each expert keep its `capacity` assignments of highest priority (gate
+    weight, Megatron's "probs" drop policy); ties go to the earlier token."""
+    by_priority = torch.argsort(-priority, stable=True)
+    order = by_priority[torch.argsort(expert_ids[by_priority], stable=True)]
+    counts = torch.bincount(expert_ids, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_experts = expert_ids[order]
+    position = torch.arange(len(order), device=expert_ids.device) - starts[sorted_experts]
+    keep = torch.empty_like(expert_ids, dtype=torch.bool)
+    keep[order] = position < capacity
+    return keep
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig, balance_cfg: BalanceConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.balance_cfg = balance_cfg
+        self.router = Router(dim, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden)
+        self.shared_experts = (SwiGLU(dim, cfg.shared_hidden_size)
+                               if cfg.n_shared_experts > 0 else None)
+        self.dispatcher = LocalDispatcher()
+        # Hook for global-batch statistics: a sum over ranks, installed by moetrain.parallel.
+        self.stats_reduce = None
+        # Loads summed over the micro-batches of one optimizer step, for the aux-free update.
+        self.register_buffer("step_tokens_per_expert", torch.zeros(cfg.num_experts),
+                             persistent=False)
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def init_weights(self, std: float) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (out (B, T, D), aux loss scalar already times its coefficients)."""
+        B, T, D = x.shape
+        cfg, E = self.cfg, self.cfg.num_experts
+        x_flat = x.reshape(-1, D)  # (N, D)
+        route = self.router(x_flat)
+        token_ids, expert_ids, weights = route.token_ids, route.expert_ids, route.weights
+        tokens_per_expert = torch.bincount(expert_ids, minlength=E)  # (E,), before any drop
+
+        num_assignments = expert_ids.numel()
+        if cfg.capacity_factor is not None and cfg.router != "expert_choice":
+            capacity = math.ceil(cfg.capacity_factor * B * T * cfg.top_k / E)
+            keep = capacity_keep_mask(expert_ids, weights.detach(), capacity, E)
+            token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights[keep]
+
+        expert_input, tokens_per_local_expert, state = self.dispatcher.dispatch(
+            x_flat, token_ids, expert_ids, weights, E)
+        expert_output = self.experts(expert_input, tokens_per_local_expert)
+        out = self.dispatcher.combine(expert_output, state, B * T)  # (N, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_flat)
+
+        aux_loss, z_loss = self._balance_losses(route, tokens_per_expert, B, T)
+        with torch.no_grad():
+            if self.training:
+                self.step_tokens_per_expert += tokens_per_expert.to(
+                    self.step_tokens_per_expert.dtype)
+            # Kept on device; moetrain.model.stats moves every layer's stats in one transfer.
+            self.last_stats = {
+                "tokens_per_expert": tokens_per_expert.detach(),
+                "dropped_fraction": torch.tensor(
+                    1.0 - expert_ids.numel() / max(num_assignments, 1), device=x.device),
+                "aux_loss": aux_loss.detach(),
+                "z_loss": z_loss.detach(),
+            }
+        total = self.balance_cfg.aux_loss_coef * aux_loss + self.balance_cfg.z_loss_coef * z_loss
+        return out.view(B, T, D).to(x.dtype), total
+
+    def _balance_losses(self, route, tokens_per_expert, B, T):
+        bal = self.balance_cfg
+        zero = route.logits.new_zeros(())
+        aux_loss = z_loss = zero
+        if not self.training:
+            return aux_loss, z_loss
+        if bal.aux_loss == "switch":
+            counts = tokens_per_expert
+            if bal.aux_loss_stats == "global_batch" and self.stats_reduce is not None:
+                counts = self.stats_reduce(counts.float())
+            aux_loss = balance.switch_aux_loss(route.probs, counts)
+        elif bal.aux_loss == "sequence":
+            E = self.cfg.num_experts
+            aux_loss = balance.sequence_aux_loss(route.probs.view(B, T, E),
+                                                 route.expert_ids.view(B, T, route.top_k),
+                                                 route.top_k)
+        if bal.z_loss_coef > 0:
+            z_loss = balance.router_z_loss(route.logits)
+        return aux_loss, z_loss
