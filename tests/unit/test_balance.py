@@ -1,0 +1,123 @@
+import math
+
+import torch
+
+from moetrain.config import BalanceConfig, MoEConfig
+from moetrain.model import balance
+from moetrain.model.moe import MoE
+
+
+def test_switch_loss_hand_computed_and_minimal_at_uniform():
+    # 4 tokens, 2 experts, top-1: counts [3, 1] -> f = [0.75, 0.25]
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    counts = torch.tensor([3, 1])
+    P = [0.6, 0.4]
+    expected = 2 * (0.75 * P[0] + 0.25 * P[1])  # = 1.1
+    assert math.isclose(balance.switch_aux_loss(probs, counts).item(), expected, rel_tol=1e-6)
+    uniform = torch.full((16, 8), 1 / 8)
+    assert math.isclose(balance.switch_aux_loss(uniform, torch.full((8,), 4)).item(), 1.0,
+                        rel_tol=1e-6)
+
+
+def test_switch_loss_gradient_flows_only_through_probs():
+    logits = torch.randn(6, 4, requires_grad=True)
+    loss = balance.switch_aux_loss(logits.softmax(-1), torch.tensor([6, 3, 2, 1]))
+    loss.backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_sequence_loss_hand_computed():
+    # B=1, T=2, E=2, k=1. Token 0 -> expert 0, token 1 -> expert 0.
+    probs = torch.tensor([[[0.75, 0.25], [0.5, 0.5]]])
+    topk_ids = torch.tensor([[[0], [0]]])
+    # f = E/(k*T) * count = 2/2 * [2, 0] = [2, 0]; P = [0.625, 0.375] -> 1.25
+    assert math.isclose(balance.sequence_aux_loss(probs, topk_ids, 1).item(), 1.25, rel_tol=1e-6)
+    # Two sequences average: second sequence perfectly balanced -> f=[1,1], P=[.5,.5] -> 1
+    probs2 = torch.cat([probs, torch.full((1, 2, 2), 0.5)])
+    ids2 = torch.cat([topk_ids, torch.tensor([[[0], [1]]])])
+    assert math.isclose(balance.sequence_aux_loss(probs2, ids2, 1).item(), 1.125, rel_tol=1e-6)
+
+
+def test_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # logsumexp = [log 2, log 4]; mean of squares
+    expected = (math.log(2) ** 2 + math.log(4) ** 2) / 2
+    assert math.isclose(balance.router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def test_load_metrics():
+    m = balance.load_metrics(torch.tensor([[4, 4, 4, 4], [8, 8, 0, 0]]))
+    torch.testing.assert_close(m["max_violation"], torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(m["entropy"], torch.tensor([1.0, 0.5]))
+    assert m["dead_experts"].tolist() == [0, 2]
+
+
+def test_moe_layer_reports_weighted_losses():
+    torch.manual_seed(0)
+    bal = BalanceConfig(aux_loss="switch", aux_loss_coef=0.1, z_loss_coef=0.01)
+    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8), bal)
+    moe.init_weights(0.2)
+    _, total = moe(torch.randn(2, 5, 8))
+    stats = moe.last_stats
+    expected = 0.1 * stats["aux_loss"] + 0.01 * stats["z_loss"]
+    torch.testing.assert_close(total.detach(), expected)
+    assert stats["aux_loss"] >= 1.0 - 1e-6  # switch loss is >= 1 at the optimum
+    moe.eval()
+    assert moe(torch.randn(2, 5, 8))[1].item() == 0.0
+
+
+def test_aux_free_lowers_max_violation_step_by_step_and_keeps_gates():
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=8, router="sigmoid")
+    moe = MoE(16, cfg, BalanceConfig(aux_free=True))
+    moe.init_weights(0.2)
+    with torch.no_grad():  # a skewed router: experts 0 and 1 win almost every token
+        moe.router.weight[:2] += 0.2 * torch.ones(16)
+    x = torch.randn(1, 256, 16).abs()
+    violations = []
+    for _ in range(25):
+        moe(x)
+        violations.append(balance.load_metrics(moe.step_tokens_per_expert).get(
+            "max_violation").item())
+        route_before = moe.router(x.view(-1, 16))
+        balance.update_expert_bias([moe], rate=0.01)
+        assert moe.step_tokens_per_expert.sum() == 0  # reset for the next step
+        route_after = moe.router(x.view(-1, 16))
+        # gates are the unbiased scores of whichever experts get picked
+        scores = torch.sigmoid(x.view(-1, 16) @ moe.router.weight.t())
+        for route in (route_before, route_after):
+            picked = scores.gather(1, route.expert_ids.view(256, 2))
+            torch.testing.assert_close(route.weights.view(256, 2),
+                                       picked / picked.sum(-1, keepdim=True))
+    assert violations[0] > 2.0
+    # non-increasing while far from balance, and far lower at the end
+    assert all(b <= a + 1e-6 for a, b in zip(violations[:10], violations[1:11]))
+    assert violations[-1] < 0.25 * violations[0]
+
+
+def test_update_expert_bias_uses_reduced_loads_and_centres():
+    moe = MoE(4, MoEConfig(num_experts=4, top_k=1, expert_hidden=4, router="sigmoid"),
+              BalanceConfig(aux_free=True))
+    moe.init_weights(0.1)
+    moe.step_tokens_per_expert.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    balance.update_expert_bias([moe], rate=0.5, reduce=lambda t: t + torch.tensor([0, 0, 0, 8.]))
+    # reduced loads [4, 0, 0, 8], mean 3 -> signs [-1, +1, +1, -1]
+    torch.testing.assert_close(moe.router.expert_bias, torch.tensor([-0.5, 0.5, 0.5, -0.5]))
+    moe.step_tokens_per_expert.copy_(torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    balance.update_expert_bias([moe], rate=0.5, center=True)
+    torch.testing.assert_close(moe.router.expert_bias.sum(), torch.tensor(0.0))
+
+
+def test_moe_layer_stats_in_one_transfer():
+    torch.manual_seed(0)
+    layers = [MoE(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8), BalanceConfig())
+              for _ in range(3)]
+    for layer in layers:
+        layer.init_weights(0.2)
+        layer(torch.randn(1, 10, 8))
+    stats = balance.moe_layer_stats(layers)
+    assert stats["tokens_per_expert"].shape == (3, 4)
+    assert torch.all(stats["tokens_per_expert"].sum(-1) == 20)
+    torch.testing.assert_close(stats["load_fraction"].sum(-1), torch.ones(3))
+    expected = balance.load_metrics(layers[1].last_stats["tokens_per_expert"])
+    torch.testing.assert_close(stats["max_violation"][1], expected["max_violation"])

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetrain.config import BalanceConfig, ModelConfig, MoEConfig
+from moetrain.model import Transformer, num_params
+
+FAMILIES = {
+    "mixtral": ModelConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+        moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=32),
+        balance=BalanceConfig(aux_loss="switch", aux_loss_coef=0.01, z_loss_coef=1e-3)),
+    "deepseek": ModelConfig(
+        vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32,
+        first_k_dense=1, ffn_hidden=64,
+        moe=MoEConfig(num_experts=16, top_k=4, expert_hidden=16, router="sigmoid", n_groups=4,
+                      topk_groups=2, route_scale=2.5, n_shared_experts=1),
+        balance=BalanceConfig(aux_loss="sequence", aux_loss_coef=1e-3, aux_free=True)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_model_overfits_one_batch(family):
+    torch.manual_seed(0)
+    model = Transformer(FAMILIES[family])
+    tokens = torch.randint(0, 64, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    from moetrain.model.balance import update_expert_bias
+    for _ in range(150):
+        logits, aux = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 64), tokens[:, 1:].reshape(-1))
+        opt.zero_grad()
+        (loss + aux).backward()
+        opt.step()
+        if model.cfg.balance.aux_free:
+            update_expert_bias(model.moe_layers(), rate=1e-3)
+    assert loss.item() < 0.2 * math.log(64), loss.item()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_causal_future_tokens_do_not_change_past_logits(family):
+    torch.manual_seed(0)
+    model = Transformer(FAMILIES[family]).eval()
+    tokens = torch.randint(0, 64, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = torch.randint(0, 64, (2, 6))
+    a, _ = model(tokens)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    from moetrain.model.transformer import Attention, rope_tables
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, moe=None)
+    attn = Attention(cfg)
+    attn.init_weights(0.2)
+    cos, sin = rope_tables(8, 16, 10000.0)
+    x = torch.randn(2, 10, 32)
+    full = ModelConfig(dim=32, n_heads=4, n_kv_heads=4, moe=None)
+    mha = Attention(full)
+    with torch.no_grad():
+        mha.wq.weight.copy_(attn.wq.weight)
+        mha.wo.weight.copy_(attn.wo.weight)
+        # kv head j serves query heads 2j and 2j+1
+        mha.wk.weight.copy_(attn.wk.weight.view(2, 8, 32).repeat_interleave(2, 0).view(32, 32))
+        mha.wv.weight.copy_(attn.wv.weight.view(2, 8, 32).repeat_interleave(2, 0).view(32, 32))
+    torch.testing.assert_close(attn(x, cos, sin), mha(x, cos, sin))
+
+
+def test_meta_device_build_and_parameter_counts():
+    cfg = ModelConfig(vocab_size=1000, dim=64, n_layers=3, n_heads=4, first_k_dense=1,
+                      moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=32))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counts = num_params(model)
+    expert = 3 * 64 * 32
+    assert counts["total"] - counts["active"] == 2 * (8 - 2) * expert
+    model.to_empty(device="cpu")
+    model.init_weights()
+    logits, _ = model(torch.randint(0, 1000, (1, 8)))
+    assert torch.isfinite(logits).all()
+
+
+def test_tied_embeddings_share_storage_and_sequence_limit():
+    model = Transformer(ModelConfig(tie_embeddings=True, moe=None, max_seq_len=8))
+    assert model.output.weight is model.tok_embeddings.weight
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
