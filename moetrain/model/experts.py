@@ -1,10 +1,15 @@
-"""Experts as stacked SwiGLU weights run by one grouped matmul per projection.
+"""Experts as stacked SwiGLU weights, run grouped over tokens sorted by expert.
 
 Inputs arrive sorted by expert: rows [offset_e, offset_e + tokens_per_expert[e]) belong to expert
-e. On CUDA with bf16 this is `torch._grouped_mm` (no host sync). Elsewhere it is `grouped_mm`
-below: a custom autograd function whose backward writes each expert's weight gradient straight
-into one preallocated (E, out, in) tensor, instead of letting autograd materialise and zero-fill
-a full-size gradient for every `weight[e]` it indexed (what makes the HF Mixtral block slow).
+e, each row with its gate weight. Outputs come back already multiplied by the gate weight, so
+the combine step is a pure un-permute and sum.
+
+On CUDA with bf16 the projections are `torch._grouped_mm` calls (no host sync). Elsewhere the
+whole expert FFN runs in `_SwiGLUExpertsCPU`, an autograd function that walks the experts once:
+each expert's rows stay in cache from the gate/up matmuls through SwiGLU, the down matmul and the
+gate scaling, and its backward writes each expert's weight gradient straight into one
+preallocated (E, out, in) tensor. Autograd over `weight[e]` indexing would instead allocate and
+zero-fill a full-size stacked gradient per expert (what makes the HF Mixtral block slow).
 """
 
 from __future__ import annotations
@@ -14,44 +19,60 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _GroupedMM(torch.autograd.Function):
-    """out[rows of e] = x[rows of e] @ weight[e].T for stacked weight (E, out, in)."""
+class _SwiGLUExpertsCPU(torch.autograd.Function):
+    """out[rows of e] = g * (silu(x W_gate[e]^T) * (x W_up[e]^T)) W_down[e]^T."""
 
     @staticmethod
-    def forward(ctx, x, weight, counts: list[int]):
-        ctx.save_for_backward(x, weight)
-        ctx.counts = counts
-        out = x.new_empty(x.shape[0], weight.shape[1])
+    def forward(ctx, x, gates, w_gate, w_up, w_down, counts: list[int]):
+        M, hidden = x.shape[0], w_gate.shape[1]
+        out = x.new_empty(M, w_down.shape[1])
+        gate_proj = x.new_empty(M, hidden)  # saved pre-activations, as autograd would keep
+        up_proj = x.new_empty(M, hidden)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                torch.mm(x[start:start + n], weight[e].t(), out=out[start:start + n])
+                rows = slice(start, start + n)
+                torch.mm(x[rows], w_gate[e].t(), out=gate_proj[rows])
+                torch.mm(x[rows], w_up[e].t(), out=up_proj[rows])
+                h = F.silu(gate_proj[rows]).mul_(up_proj[rows])
+                torch.mm(h, w_down[e].t(), out=out[rows]).mul_(gates[rows, None])
             start += n
+        ctx.save_for_backward(x, gates, w_gate, w_up, w_down, gate_proj, up_proj)
+        ctx.counts = counts
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, gates, w_gate, w_up, w_down, gate_proj, up_proj = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        grad_x = torch.empty_like(x)
+        grad_gates = torch.empty_like(gates)
+        grads_w = [torch.empty_like(w) for w in (w_gate, w_up, w_down)]
+        grad_w_gate, grad_w_up, grad_w_down = grads_w
         start = 0
         for e, n in enumerate(ctx.counts):
-            rows = slice(start, start + n)
-            if grad_x is not None and n:
-                torch.mm(grad_out[rows], weight[e], out=grad_x[rows])
-            if grad_w is not None:
-                if n:
-                    torch.mm(grad_out[rows].t(), x[rows], out=grad_w[e])
-                else:
+            if not n:
+                for grad_w in grads_w:
                     grad_w[e].zero_()
+                continue
+            rows = slice(start, start + n)
             start += n
-        return grad_x, grad_w, None
-
-
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """x (M, in) sorted by expert, weight (E, out, in), counts: rows per expert -> (M, out)."""
-    return _GroupedMM.apply(x.contiguous(), weight, counts)
+            x_e, dy, g = x[rows], grad_out[rows], gates[rows, None]
+            a, b = gate_proj[rows], up_proj[rows]  # (n, hidden)
+            sig = torch.sigmoid(a)
+            silu_a = a * sig
+            h = silu_a * b
+            dh = torch.mm(dy, w_down[e])  # d(loss)/d(h) before the gate scaling
+            grad_gates[rows] = (dh * h).sum(-1)
+            torch.mm(dy.t(), h.mul_(g), out=grad_w_down[e])
+            dh.mul_(g)
+            da = dh * b * sig * (1 + a * (1 - sig))  # silu'(a) = sig * (1 + a * (1 - sig))
+            db = dh.mul_(silu_a)
+            torch.mm(da.t(), x_e, out=grad_w_gate[e])
+            torch.mm(db.t(), x_e, out=grad_w_up[e])
+            torch.mm(da, w_gate[e], out=grad_x[rows])
+            grad_x[rows].addmm_(db, w_up[e])
+        return grad_x, grad_gates, grad_w_gate, grad_w_up, grad_w_down, None
 
 
 def _use_cuda_grouped_mm(x: torch.Tensor) -> bool:
@@ -74,15 +95,18 @@ class GroupedExperts(nn.Module):
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, std=std)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x (M, D) sorted by expert, tokens_per_expert (E,) int64 -> (M, D)."""
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                gates: torch.Tensor) -> torch.Tensor:
+        """x (M, D) sorted by expert, tokens_per_expert (E,) int64, gates (M,) -> (M, D),
+        each row scaled by its gate."""
         if _use_cuda_grouped_mm(x):
-            return self._forward_cuda(x, tokens_per_expert)
+            return self._forward_cuda(x, tokens_per_expert, gates)
         counts = tokens_per_expert.tolist()  # NOTE: device-to-host sync; free on CPU
-        h = F.silu(grouped_mm(x, self.w_gate, counts)) * grouped_mm(x, self.w_up, counts)
-        return grouped_mm(h, self.w_down, counts)
+        gates = gates.to(x.dtype)
+        return _SwiGLUExpertsCPU.apply(x.contiguous(), gates, self.w_gate, self.w_up,
+                                       self.w_down, counts)
 
-    def _forward_cuda(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def _forward_cuda(self, x, tokens_per_expert, gates):
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
         xb = x.bfloat16()
 
@@ -90,7 +114,7 @@ class GroupedExperts(nn.Module):
             return torch._grouped_mm(inp, w.bfloat16().transpose(-2, -1), offs=offsets)
 
         h = F.silu(mm(xb, self.w_gate)) * mm(xb, self.w_up)
-        return mm(h, self.w_down).type_as(x)
+        return (mm(h, self.w_down) * gates.unsqueeze(-1).to(torch.bfloat16)).type_as(x)
 
 
 class SwiGLU(nn.Module):

@@ -20,21 +20,23 @@ from moetrain.model.router import Router
 
 
 class LocalDispatcher:
-    """Sort assignments by expert, run them grouped, scatter weighted outputs back to tokens."""
+    """One process: sort assignments by expert, and scatter-add expert outputs back to tokens."""
 
     def dispatch(self, x, token_ids, expert_ids, weights, num_experts):
-        """x (N, D) -> (expert_input (M, D) sorted by expert, tokens_per_expert (E,), state)."""
+        """x (N, D) and M assignments -> expert_input (M, D) sorted by expert, its gate weights
+        (M,), tokens_per_expert (E,), and the state `combine` needs."""
         order = torch.argsort(expert_ids, stable=True)
         tokens_per_expert = torch.bincount(expert_ids, minlength=num_experts)
         sorted_token_ids = token_ids[order]
-        return x[sorted_token_ids], tokens_per_expert, (sorted_token_ids, weights[order])
+        # index_select, not x[idx]: its backward is an index_add, far cheaper than index_put.
+        return (x.index_select(0, sorted_token_ids), weights[order], tokens_per_expert,
+                sorted_token_ids)
 
     def combine(self, expert_output, state, num_tokens):
-        """expert_output (M, D) in dispatch order -> routed output (N, D)."""
-        sorted_token_ids, sorted_weights = state
-        weighted = expert_output * sorted_weights.unsqueeze(-1).to(expert_output.dtype)
+        """expert_output (M, D), gate-weighted, in dispatch order -> routed output (N, D)."""
+        sorted_token_ids = state
         out = expert_output.new_zeros(num_tokens, expert_output.shape[-1])
-        return out.index_add(0, sorted_token_ids, weighted)
+        return out.index_add(0, sorted_token_ids, expert_output)
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, priority: torch.Tensor, capacity: int,
@@ -90,9 +92,9 @@ class MoE(nn.Module):
             keep = capacity_keep_mask(expert_ids, weights.detach(), capacity, E)
             token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights[keep]
 
-        expert_input, tokens_per_local_expert, state = self.dispatcher.dispatch(
+        expert_input, expert_gates, tokens_per_local_expert, state = self.dispatcher.dispatch(
             x_flat, token_ids, expert_ids, weights, E)
-        expert_output = self.experts(expert_input, tokens_per_local_expert)
+        expert_output = self.experts(expert_input, tokens_per_local_expert, expert_gates)
         out = self.dispatcher.combine(expert_output, state, B * T)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)

@@ -1,32 +1,31 @@
 import torch
 
-from moetrain.model.experts import GroupedExperts, grouped_mm
+from moetrain.model.experts import GroupedExperts
 
 
-def test_grouped_mm_matches_per_expert_matmul_including_empty_experts():
-    torch.manual_seed(0)
-    counts = [3, 0, 5, 1, 0]
-    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 4, 6, dtype=torch.float64, requires_grad=True)
-    out = grouped_mm(x, w, counts)
-    chunks = torch.split(x, counts)
-    expected = torch.cat([c @ w[e].t() for e, c in enumerate(chunks)])
-    torch.testing.assert_close(out, expected)
-    assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, counts), (x, w))
-    out.sum().backward()
-    assert torch.all(w.grad[1] == 0) and torch.all(w.grad[4] == 0)
-
-
-def test_grouped_experts_match_swiglu_per_expert():
-    torch.manual_seed(0)
-    experts = GroupedExperts(4, 8, 12)
-    experts.init_weights(0.3)
-    counts = torch.tensor([2, 4, 0, 3])
-    x = torch.randn(9, 8)
-    out = experts(x, counts)
-    start = 0
-    for e, n in enumerate(counts.tolist()):
+def per_expert_reference(experts, x, counts, gates):
+    rows, start = [], 0
+    for e, n in enumerate(counts):
         xe = x[start:start + n]
         h = torch.nn.functional.silu(xe @ experts.w_gate[e].t()) * (xe @ experts.w_up[e].t())
-        torch.testing.assert_close(out[start:start + n], h @ experts.w_down[e].t())
+        rows.append((h @ experts.w_down[e].t()) * gates[start:start + n, None])
         start += n
+    return torch.cat(rows)
+
+
+def test_grouped_experts_match_per_expert_swiglu_including_empty_experts():
+    torch.manual_seed(0)
+    experts = GroupedExperts(5, 8, 12).double()
+    experts.init_weights(0.3)
+    counts = [3, 0, 5, 1, 0]
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(9, dtype=torch.float64, requires_grad=True)
+    out = experts(x, torch.tensor(counts), gates)
+    torch.testing.assert_close(out, per_expert_reference(experts, x, counts, gates))
+    params = list(experts.parameters())
+    assert torch.autograd.gradcheck(
+        lambda a, g, *w: experts(a, torch.tensor(counts), g), (x, gates, *params))
+    out.sum().backward()
+    for w in params:  # experts that saw no token get an exact zero gradient
+        assert torch.all(w.grad[1] == 0) and torch.all(w.grad[4] == 0)
+        assert w.grad[0].abs().sum() > 0
