@@ -167,3 +167,24 @@ class ModelConfig:
         if self.moe is None:
             return []
         return list(range(self.first_k_dense, self.n_layers))
+
+
+@dataclass
+class ParallelConfig:
+    """world_size = ep * edp: experts sharded over ep ranks, each shard replicated edp times."""
+
+    ep: int = 1
+    dedup: bool = True  # send a token once per destination rank, not once per expert
+    timeout_s: float = 120.0  # every process group: a failed rank never hangs the others long
+
+    def validate(self, world_size: int, num_experts: int | None) -> None:
+        _check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
+        _check(world_size % self.ep == 0,
+               f"parallel.ep={self.ep} does not divide the world size {world_size}; valid: "
+               f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}")
+        if num_experts is not None:
+            _check(num_experts % self.ep == 0,
+                   f"moe.num_experts={num_experts} is not divisible by parallel.ep={self.ep}")
+        elif self.ep > 1:
+            raise ValueError(f"parallel.ep={self.ep} needs an MoE model (model.moe is null)")
+        _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")

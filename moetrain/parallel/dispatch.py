@@ -1,0 +1,117 @@
+"""All-to-all token dispatch and combine for expert parallelism.
+
+Experts are sharded in contiguous blocks: rank r of the ep group holds global experts
+[r * E_local, (r + 1) * E_local). One layer's exchange:
+
+  1. group the local assignments into *units* (rows of x to send), ordered by destination rank.
+     Without dedup a unit is one assignment; with dedup it is one (token, destination rank)
+     pair, so a token whose top-k experts share a rank crosses the wire once.
+  2. all-to-all the counts (units and assignments per rank), then, with uneven splits,
+     the unit rows, the assignments' gate weights and their (local expert, unit) indices.
+  3. the receiver expands units to assignment rows sorted by local expert, runs its experts,
+     sums the gate-weighted outputs of each unit and sends units back (the reverse exchange).
+  4. the sender scatter-adds returned units into their tokens.
+
+Autograd: every data exchange is `_AllToAll`, whose backward is the reverse exchange, so
+gradients of tokens, gate weights (hence the router) and experts equal one process's.
+Shapes: N local tokens, M local assignments, U units sent, R units received, A assignments
+received, D model dim, P = ep size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits along dim 0; backward runs the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_in = grad_out.new_empty((sum(ctx.input_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.input_splits,
+                               ctx.output_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x, output_splits, input_splits, group):
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+class AllToAllDispatcher:
+    """Drop-in replacement for the MoE layer's LocalDispatcher, installed by `parallelize`."""
+
+    def __init__(self, group, dedup: bool):
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.dedup = dedup
+        self.bytes_sent = 0  # payload bytes sent by the last dispatch + combine (benchmarks)
+
+    def dispatch(self, x, token_ids, expert_ids, weights, num_experts):
+        N, D = x.shape
+        P, device = self.ep_size, x.device
+        local_experts = num_experts // P
+        dest = expert_ids // local_experts  # (M,)
+        M = expert_ids.numel()
+        if self.dedup:  # one unit per (destination, token); torch.unique sorts by destination
+            unit_keys, unit_of_assignment = torch.unique(dest * N + token_ids, return_inverse=True)
+            unit_dest, unit_token = unit_keys // N, unit_keys % N
+            order = torch.argsort(unit_of_assignment, stable=True)  # assignments by unit
+        else:  # one unit per assignment
+            order = torch.argsort(dest, stable=True)
+            unit_of_assignment = torch.empty_like(order)
+            unit_of_assignment[order] = torch.arange(M, device=device)
+            unit_dest, unit_token = dest[order], token_ids[order]
+        units_per_rank = torch.bincount(unit_dest, minlength=P)
+        assignments_per_rank = torch.bincount(dest, minlength=P)
+        unit_start = torch.cumsum(units_per_rank, 0) - units_per_rank
+        sorted_dest = dest[order]
+        meta = torch.stack([expert_ids[order] - sorted_dest * local_experts,  # local expert
+                            unit_of_assignment[order] - unit_start[sorted_dest]],  # unit in chunk
+                           dim=1).to(torch.int32)  # (M, 2)
+
+        send_counts = torch.stack([units_per_rank, assignments_per_rank], dim=1)  # (P, 2)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        # NOTE: the one device-to-host sync of this layer: split sizes must live on the host.
+        counts = torch.cat([send_counts, recv_counts], dim=1).tolist()
+        unit_send = [c[0] for c in counts]
+        assign_send = [c[1] for c in counts]
+        unit_recv = [c[2] for c in counts]
+        assign_recv = [c[3] for c in counts]
+
+        recv_units = all_to_all(x.index_select(0, unit_token), unit_recv, unit_send, self.group)
+        recv_weights = all_to_all(weights[order], assign_recv, assign_send, self.group)
+        recv_meta = all_to_all(meta, assign_recv, assign_send, self.group).long()  # (A, 2)
+
+        # Row of each received assignment inside recv_units: its source's block + offset.
+        recv_unit_counts = torch.tensor(unit_recv, device=device)
+        recv_unit_start = torch.cumsum(recv_unit_counts, 0) - recv_unit_counts
+        source = torch.repeat_interleave(torch.arange(P, device=device),
+                                         torch.tensor(assign_recv, device=device))
+        row = recv_unit_start[source] + recv_meta[:, 1]  # (A,)
+        local_expert = recv_meta[:, 0]
+        perm = torch.argsort(local_expert, stable=True)
+        row = row[perm]
+        tokens_per_local_expert = torch.bincount(local_expert, minlength=local_experts)
+        self.bytes_sent = 2 * x.element_size() * D * sum(unit_send) + (
+            weights.element_size() + meta.element_size() * 2) * sum(assign_send)
+        state = (row, recv_units.shape[0], unit_send, unit_recv, unit_token)
+        return (recv_units.index_select(0, row), recv_weights[perm], tokens_per_local_expert,
+                state)
+
+    def combine(self, expert_output, state, num_tokens):
+        row, num_recv_units, unit_send, unit_recv, unit_token = state
+        D = expert_output.shape[-1]
+        # Sum each unit's gate-weighted expert outputs here, before the wire (dedup's saving).
+        unit_out = expert_output.new_zeros(num_recv_units, D).index_add(0, row, expert_output)
+        returned = all_to_all(unit_out, unit_send, unit_recv, self.group)  # (U, D)
+        return returned.new_zeros(num_tokens, D).index_add(0, unit_token, returned)
