@@ -92,8 +92,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--naive-tokens", type=int, default=4096,
-                        help="tokens for the per-token loop (0 skips it); it is slow")
+    parser.add_argument("--naive-tokens", type=int, default=256,
+                        help="tokens for the per-token loop, and for the MoE run it is compared "
+                             "with (0 skips it; the loop is slow)")
     parser.add_argument("--configs", nargs="*", default=sorted(CONFIGS))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

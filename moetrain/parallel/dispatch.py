@@ -53,7 +53,8 @@ class AllToAllDispatcher:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.dedup = dedup
-        self.bytes_sent = 0  # payload bytes sent by the last dispatch + combine (benchmarks)
+        # Rows and assignments the last dispatch sent, by destination rank (for benchmarks).
+        self.last_sent = {"rows": [], "assignments": []}
 
     def dispatch(self, x, token_ids, expert_ids, weights, num_experts):
         N, D = x.shape
@@ -102,8 +103,7 @@ class AllToAllDispatcher:
         perm = torch.argsort(local_expert, stable=True)
         row = row[perm]
         tokens_per_local_expert = torch.bincount(local_expert, minlength=local_experts)
-        self.bytes_sent = 2 * x.element_size() * D * sum(unit_send) + (
-            weights.element_size() + meta.element_size() * 2) * sum(assign_send)
+        self.last_sent = {"rows": unit_send, "assignments": assign_send}
         state = (row, recv_units.shape[0], unit_send, unit_recv, unit_token)
         return (recv_units.index_select(0, row), recv_weights[perm], tokens_per_local_expert,
                 state)

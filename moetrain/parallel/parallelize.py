@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 from moetrain.config import ParallelConfig
+from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
 from moetrain.parallel.dispatch import AllToAllDispatcher
 
@@ -34,10 +35,10 @@ def all_reduce_sum(group):
     return reduce
 
 
-def shard_experts(model: Transformer, ep_rank: int, ep_size: int) -> None:
+def shard_experts(moe_layers: list[MoE], ep_rank: int, ep_size: int) -> None:
     """Keep this rank's contiguous block of experts; names stay logical (layers.N.ffn.experts.*)
     and `expert_offset` records which global experts the block holds."""
-    for moe in model.moe_layers():
+    for moe in moe_layers:
         experts = moe.experts
         local = moe.cfg.num_experts // ep_size
         start = ep_rank * local
@@ -57,7 +58,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig) -> nn
     ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
     world_group = dist.group.WORLD
     if ep_size > 1:
-        shard_experts(model, ep_rank, ep_size)
+        shard_experts(model.moe_layers(), ep_rank, ep_size)
         for moe in model.moe_layers():
             moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), dedup=cfg.dedup)
     for moe in model.moe_layers():

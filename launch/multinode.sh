@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Several nodes: run this once on every node with the same MASTER_ADDR / MASTER_PORT.
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 launch/multinode.sh [overrides...]
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 MASTER_PORT=29500 launch/multinode.sh [overrides...]
+# NPROC_PER_NODE defaults to the node's GPU count (2 without GPUs). RDZV_ID names the job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
+MASTER_PORT=${MASTER_PORT:-29500}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+    NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=2
+fi
+ENTRY=${MOETRAIN_ENTRY:--m moetrain.train}
+exec "$PYTHON" -m torch.distributed.run \
+    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv-id "${RDZV_ID:-moetrain}" --max-restarts "${MAX_RESTARTS:-0}" \
+    $ENTRY "$@"
