@@ -18,6 +18,12 @@ STEPS, LR, EPS, CLIP, GLOBAL_BATCH, SEQ = 5, 1e-3, 1e-6, 0.5, 8, 16
 
 
 def family(name: str, capacity_factor=None) -> ModelConfig:
+    if name == "expert_choice":  # a variable number of experts per token through the exchange
+        return ModelConfig(
+            vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=SEQ,
+            moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=16, router="expert_choice",
+                          capacity_factor=capacity_factor),
+            balance=BalanceConfig(z_loss_coef=1e-3))
     if name.startswith("mixtral"):
         stats = "global_batch" if name == "mixtral_global" else "micro_batch"
         return ModelConfig(
