@@ -188,3 +188,160 @@ class ParallelConfig:
         elif self.ep > 1:
             raise ValueError(f"parallel.ep={self.ep} needs an MoE model (model.moe is null)")
         _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")
+
+
+DATA_SOURCES = ("synthetic", "text", "json", "parquet", "hub")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. Default: the generated multi-domain corpus (no network)."""
+
+    source: str = "synthetic"  # synthetic | text | json | parquet | hub
+    path: str | None = None  # local file, glob or directory; for `hub`, the dataset name
+    hub_config: str | None = None
+    split: str = "train"  # hub split for training
+    val_path: str | None = None  # local validation file(s); hub: `val_split`
+    val_split: str | None = None
+    val_fraction: float = 0.02  # without a validation source: hold out this share of blocks
+    column: str = "text"
+    streaming: bool = False  # stream and pack on the fly (large corpora)
+    tokenizer: str = "byte"  # byte | path to a tokenizers JSON file
+    seq_len: int = 128
+    synthetic_docs: int = 20000
+    synthetic_val_docs: int = 500
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.source in DATA_SOURCES,
+               f"data.source={self.source!r} is not one of {', '.join(DATA_SOURCES)}")
+        if self.source != "synthetic":
+            _check(bool(self.path), f"data.source={self.source!r} needs data.path")
+        _check(self.seq_len >= 1, f"data.seq_len={self.seq_len} must be >= 1")
+        _check(0 <= self.val_fraction < 1,
+               f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        _check(self.synthetic_docs >= 1, f"data.synthetic_docs={self.synthetic_docs} must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    grad_clip: float = 1.0  # by the true global norm; 0 disables
+
+    def validate(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1,
+               f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+               f"optim.beta1={self.beta1}, optim.beta2={self.beta2} must be in [0, 1)")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 300  # optimizer steps
+    micro_batch_size: int = 16  # sequences per rank per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10
+    val_every: int = 100  # 0 disables validation
+    val_batches: int = 4  # micro-batches per rank per validation
+    compile: bool = False  # torch.compile each block
+    on_nonfinite: str = "stop"  # stop | skip the step
+    seed: int = 0
+    peak_tflops: float | None = None  # for MFU on GPUs; None = guess from the device name
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{name}={value} must be >= 1")
+        _check(self.val_every >= 0, f"train.val_every={self.val_every} must be >= 0")
+        _check(self.val_batches >= 1, f"train.val_batches={self.val_batches} must be >= 1")
+        _check(self.on_nonfinite in NONFINITE_POLICIES,
+               f"train.on_nonfinite={self.on_nonfinite!r} is not one of "
+               f"{', '.join(NONFINITE_POLICIES)}")
+
+
+COLLAPSE_POLICIES = ("warn", "stop")
+
+
+@dataclass
+class MonitorConfig:
+    """Expert-collapse detection on the global-batch load, checked every log step."""
+
+    starve_fraction: float = 0.1  # an expert below this share of its fair load (1/E) ...
+    patience: int = 5  # ... for this many consecutive log steps is collapsing
+    entropy_floor: float = 0.5  # or a layer whose normalised load entropy falls below this
+    on_collapse: str = "warn"  # warn | stop
+
+    def validate(self) -> None:
+        _check(0 <= self.starve_fraction < 1,
+               f"monitor.starve_fraction={self.starve_fraction} must be in [0, 1)")
+        _check(self.patience >= 1, f"monitor.patience={self.patience} must be >= 1")
+        _check(0 <= self.entropy_floor <= 1,
+               f"monitor.entropy_floor={self.entropy_floor} must be in [0, 1]")
+        _check(self.on_collapse in COLLAPSE_POLICIES,
+               f"monitor.on_collapse={self.on_collapse!r} is not one of "
+               f"{', '.join(COLLAPSE_POLICIES)}")
+
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
+    project: str = "moetrain"
+    entity: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        _check(self.wandb.mode in WANDB_MODES,
+               f"logger.wandb.mode={self.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
+class RunConfig:
+    """The whole run: what `python -m moetrain.train` takes (Hydra schema `train_schema`)."""
+
+    name: str = "moetrain"
+    run_dir: str | None = None  # None: runs/<name>-<timestamp>, chosen on rank 0
+    dry_run: bool = False  # build on the meta device, print sizes and layout, exit
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Every check that needs no data and no collective, run first on every rank."""
+        self.model.validate()
+        num_experts = self.model.moe.num_experts if self.model.moe is not None else None
+        self.parallel.validate(world_size, num_experts)
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.monitor.validate()
+        self.logger.validate()
+        _check(self.data.seq_len <= self.model.max_seq_len,
+               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+               f"{self.model.max_seq_len}")

@@ -66,27 +66,36 @@ def load_metrics(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def update_expert_bias(moe_layers: Iterable, rate: float, center: bool = False,
-                       reduce: Reduce | None = None) -> torch.Tensor:
-    """DeepSeek-V3 aux-loss-free balancing, called once after each optimizer step.
-
-    bias_i += rate * sign(mean_load - load_i), with load_i counted over the whole step (every
-    micro-batch, summed over ranks by `reduce`: one collective for all layers). The bias changes
-    which experts are selected, never the gate weights. Returns the (L, E) loads it used."""
+def pop_step_loads(moe_layers: Iterable, reduce: Reduce | None = None) -> torch.Tensor:
+    """Tokens per expert of every layer, counted over the whole optimizer step (all
+    micro-batches; all ranks when `reduce` sums over them, one collective for all layers).
+    Resets the per-step accumulators. Returns (L, E)."""
     layers = list(moe_layers)
     if not layers:
-        return torch.empty(0)
-    loads = torch.stack([layer.step_tokens_per_expert for layer in layers])  # (L, E)
+        return torch.empty(0, 0)
+    loads = torch.stack([layer.step_tokens_per_expert for layer in layers])
     if reduce is not None:
         loads = reduce(loads)
+    for layer in layers:
+        layer.step_tokens_per_expert.zero_()
+    return loads
+
+
+@torch.no_grad()
+def update_expert_bias(moe_layers: Iterable, loads: torch.Tensor, rate: float,
+                       center: bool = False) -> None:
+    """DeepSeek-V3 aux-loss-free balancing, once after each optimizer step:
+    bias_i += rate * sign(mean_load - load_i), with `loads` (L, E) from `pop_step_loads`.
+    The bias changes which experts are selected, never the gate weights."""
     delta = rate * torch.sign(loads.mean(dim=-1, keepdim=True) - loads)
-    for layer, layer_delta in zip(layers, delta):
+    for layer, layer_delta in zip(moe_layers, delta):
         bias = layer.router.expert_bias
         bias.add_(layer_delta.to(bias.dtype))
         if center:
             bias.sub_(bias.mean())
-        layer.step_tokens_per_expert.zero_()
-    return loads
+
+
+SCALAR_STATS = ("dropped_fraction", "aux_loss", "z_loss", "router_entropy")
 
 
 def moe_layer_stats(moe_layers: Iterable) -> dict[str, torch.Tensor]:
@@ -97,17 +106,17 @@ def moe_layer_stats(moe_layers: Iterable) -> dict[str, torch.Tensor]:
         return {}
     tokens = torch.stack([layer.last_stats["tokens_per_expert"] for layer in layers]).float()
     scalars = torch.stack([torch.stack([layer.last_stats[name].float() for layer in layers])
-                           for name in ("dropped_fraction", "aux_loss", "z_loss")])  # (3, L)
+                           for name in SCALAR_STATS])  # (S, L)
     metrics = load_metrics(tokens)
     L, E = tokens.shape
     packed = torch.cat([tokens.reshape(-1), metrics["load_fraction"].reshape(-1),
                         metrics["max_violation"], metrics["entropy"],
                         metrics["dead_experts"].float(), scalars.reshape(-1)]).cpu()
     tokens, fraction, max_violation, entropy, dead, scalars = packed.split(
-        [L * E, L * E, L, L, L, 3 * L])
-    dropped, aux, z = scalars.view(3, L)
-    return {
+        [L * E, L * E, L, L, L, len(SCALAR_STATS) * L])
+    stats = {
         "tokens_per_expert": tokens.view(L, E), "load_fraction": fraction.view(L, E),
         "max_violation": max_violation, "entropy": entropy, "dead_experts": dead.long(),
-        "dropped_fraction": dropped, "aux_loss": aux, "z_loss": z,
     }
+    stats.update(zip(SCALAR_STATS, scalars.view(len(SCALAR_STATS), L)))
+    return stats

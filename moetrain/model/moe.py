@@ -111,6 +111,9 @@ class MoE(nn.Module):
                     1.0 - expert_ids.numel() / max(num_assignments, 1), device=x.device),
                 "aux_loss": aux_loss.detach(),
                 "z_loss": z_loss.detach(),
+                # mean over tokens of the entropy of the router's distribution, in nats
+                "router_entropy": -(route.probs * route.probs.clamp(min=1e-30).log()).sum(
+                    -1).mean(),
             }
         total = self.balance_cfg.aux_loss_coef * aux_loss + self.balance_cfg.z_loss_coef * z_loss
         return out.view(B, T, D).to(x.dtype), total

@@ -8,6 +8,8 @@ gradients are averaged over the "edp" replicas by `finalize_grads`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -68,7 +70,9 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig) -> nn
     # Expert shards differ across ep ranks: DDP must neither broadcast nor all-reduce them.
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, expert_parameter_names(model))
-    # broadcast_buffers=False: step_tokens_per_expert is per-rank until update_expert_bias
+    # broadcast_buffers=False: step_tokens_per_expert is per-rank until pop_step_loads
     # reduces it; expert_bias is kept identical by that same reduction.
-    return DistributedDataParallel(model, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates the name, not the behaviour
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(model, broadcast_buffers=False)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfig
 from moetrain.model import Transformer
-from moetrain.model.balance import update_expert_bias
+from moetrain.model.balance import pop_step_loads, update_expert_bias
 from moetrain.parallel import (all_reduce_sum, build_mesh, clip_grad_norm_, finalize_grads,
                                parallelize)
 
@@ -92,7 +92,8 @@ def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int) -> dict:
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         if cfg.balance.aux_free:
-            update_expert_bias(model.moe_layers(), cfg.balance.bias_update_rate)
+            update_expert_bias(model.moe_layers(), pop_step_loads(model.moe_layers()),
+                               cfg.balance.bias_update_rate)
         losses.append(total)
         counts.append(step_counts)
     return {"losses": losses, "counts": torch.stack(counts), "max_dropped": max(dropped),
@@ -126,7 +127,8 @@ def parallel_run(rank: int, world_size: int, cfg: ModelConfig, pcfg: ParallelCon
         norms.append(clip_grad_norm_(model, CLIP, mesh).item())
         opt.step()
         if cfg.balance.aux_free:
-            update_expert_bias(model.moe_layers(), cfg.balance.bias_update_rate, reduce=reduce)
+            loads = pop_step_loads(model.moe_layers(), reduce)
+            update_expert_bias(model.moe_layers(), loads, cfg.balance.bias_update_rate)
         losses.append(reduce(loss.detach()).item() / world_size)
         counts.append(reduce(layer_counts(model)))
     return {"losses": losses, "counts": torch.stack(counts), "grad_norms": norms,

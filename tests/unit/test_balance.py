@@ -80,7 +80,7 @@ def test_aux_free_lowers_max_violation_step_by_step_and_keeps_gates():
         violations.append(balance.load_metrics(moe.step_tokens_per_expert).get(
             "max_violation").item())
         route_before = moe.router(x.view(-1, 16))
-        balance.update_expert_bias([moe], rate=0.01)
+        balance.update_expert_bias([moe], balance.pop_step_loads([moe]), rate=0.01)
         assert moe.step_tokens_per_expert.sum() == 0  # reset for the next step
         route_after = moe.router(x.view(-1, 16))
         # gates are the unbiased scores of whichever experts get picked
@@ -95,16 +95,18 @@ def test_aux_free_lowers_max_violation_step_by_step_and_keeps_gates():
     assert violations[-1] < 0.25 * violations[0]
 
 
-def test_update_expert_bias_uses_reduced_loads_and_centres():
+def test_pop_step_loads_reduces_and_resets_and_bias_update_centres():
     moe = MoE(4, MoEConfig(num_experts=4, top_k=1, expert_hidden=4, router="sigmoid"),
               BalanceConfig(aux_free=True))
     moe.init_weights(0.1)
     moe.step_tokens_per_expert.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
-    balance.update_expert_bias([moe], rate=0.5, reduce=lambda t: t + torch.tensor([0, 0, 0, 8.]))
+    loads = balance.pop_step_loads([moe], reduce=lambda t: t + torch.tensor([0, 0, 0, 8.]))
+    assert moe.step_tokens_per_expert.sum() == 0
+    balance.update_expert_bias([moe], loads, rate=0.5)
     # reduced loads [4, 0, 0, 8], mean 3 -> signs [-1, +1, +1, -1]
     torch.testing.assert_close(moe.router.expert_bias, torch.tensor([-0.5, 0.5, 0.5, -0.5]))
     moe.step_tokens_per_expert.copy_(torch.tensor([1.0, 1.0, 1.0, 0.0]))
-    balance.update_expert_bias([moe], rate=0.5, center=True)
+    balance.update_expert_bias([moe], balance.pop_step_loads([moe]), rate=0.5, center=True)
     torch.testing.assert_close(moe.router.expert_bias.sum(), torch.tensor(0.0))
 
 

@@ -27,7 +27,7 @@ def test_tiny_model_overfits_one_batch(family):
     model = Transformer(FAMILIES[family])
     tokens = torch.randint(0, 64, (4, 33))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    from moetrain.model.balance import update_expert_bias
+    from moetrain.model.balance import pop_step_loads, update_expert_bias
     for _ in range(150):
         logits, aux = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, 64), tokens[:, 1:].reshape(-1))
@@ -35,7 +35,7 @@ def test_tiny_model_overfits_one_batch(family):
         (loss + aux).backward()
         opt.step()
         if model.cfg.balance.aux_free:
-            update_expert_bias(model.moe_layers(), rate=1e-3)
+            update_expert_bias(model.moe_layers(), pop_step_loads(model.moe_layers()), 1e-3)
     assert loss.item() < 0.2 * math.log(64), loss.item()
 
 

@@ -1,0 +1,178 @@
+"""Hugging Face `datasets` input: load, tokenize, pack into blocks of seq_len + 1, shard by rank.
+
+Every rank loads and tokenizes the same data (datasets caches it) and keeps its own shard of
+block indices; nothing here talks to other ranks. The read position is part of the state, so a
+resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+from moetrain.config import DataConfig
+from moetrain.data.synthetic import generate
+from moetrain.data.tokenizer import build_tokenizer
+
+
+def _local_files(path: str, field: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if not f.startswith("."))
+    else:
+        files = sorted(glob.glob(path))
+    if not files:
+        raise ValueError(f"{field}={path!r} does not exist (no file matches)")
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise ValueError(f"{field}={path!r}: {empty[0]} is empty")
+    return files
+
+
+def load_texts(cfg: DataConfig, split: str):
+    """A datasets.Dataset (IterableDataset when streaming) with column `cfg.column`, or None
+    when the source has no such split."""
+    import datasets
+    datasets.disable_progress_bars()
+    if cfg.source == "synthetic":
+        count = cfg.synthetic_docs if split == "train" else cfg.synthetic_val_docs
+        texts = generate(count, seed=cfg.seed if split == "train" else cfg.seed + 1_000_003)
+        return datasets.Dataset.from_dict({cfg.column: texts})
+    if cfg.source == "hub":
+        name = cfg.split if split == "train" else cfg.val_split
+        if name is None:
+            return None
+        ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=name, streaming=cfg.streaming)
+    else:
+        path, field = (cfg.path, "data.path") if split == "train" else (cfg.val_path,
+                                                                       "data.val_path")
+        if path is None:
+            return None
+        ds = datasets.load_dataset(cfg.source, data_files=_local_files(path, field),
+                                   split="train", streaming=cfg.streaming)
+    columns = ds.column_names or list(next(iter(ds)).keys())
+    if cfg.column not in columns:
+        raise ValueError(f"data.column={cfg.column!r} is not a column of {cfg.path!r}; "
+                         f"columns: {columns}")
+    return ds
+
+
+def pack(token_lists, eos_id: int, block: int) -> torch.Tensor:
+    """Concatenate documents (each followed by eos) and cut into (n_blocks, block) rows."""
+    flat = [t for ids in token_lists for t in (*ids, eos_id)]
+    n = len(flat) // block
+    return torch.tensor(flat[:n * block], dtype=torch.long).view(n, block)
+
+
+def tokenize_and_pack(ds, cfg: DataConfig, tokenizer) -> torch.Tensor:
+    column = cfg.column
+    tokenized = ds.map(lambda batch: {"ids": [tokenizer.encode(t or "") for t in batch[column]]},
+                       batched=True, remove_columns=ds.column_names)
+    return pack(tokenized["ids"], tokenizer.eos_id, cfg.seq_len + 1)
+
+
+class ShardedBlocks:
+    """Each epoch: a seeded permutation of all blocks, cut into `world` disjoint contiguous
+    slices; rank r reads its slice in micro-batches. The same seed gives every rank the same
+    permutation, so no two ranks read the same block in an epoch."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, rank: int, world: int, seed: int):
+        per_rank = len(blocks) // world
+        if per_rank < batch_size:
+            raise ValueError(f"{len(blocks)} training blocks are too few for {world} ranks x "
+                             f"batch {batch_size}: lower train.micro_batch_size or data.seq_len, "
+                             "or add data")
+        self.blocks, self.batch_size = blocks, batch_size
+        self.rank, self.world, self.seed = rank, world, seed
+        self.batches_per_epoch = per_rank // batch_size
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    def block_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's block indices for `epoch`, in reading order."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.blocks), generator=g)
+        per_rank = len(self.blocks) // self.world
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def next_batch(self) -> torch.Tensor:
+        """(batch_size, seq_len + 1) token ids."""
+        if self.batch_in_epoch == self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        start = self.batch_in_epoch * self.batch_size
+        idx = self.block_indices(self.epoch)[start:start + self.batch_size]
+        self.batch_in_epoch += 1
+        return self.blocks[idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+
+
+class StreamingBlocks:
+    """Stream documents (datasets' split_dataset_by_node gives each rank its own share),
+    pack on the fly. State = blocks consumed; resuming skips that many."""
+
+    def __init__(self, ds, cfg: DataConfig, tokenizer, batch_size: int, rank: int, world: int):
+        from datasets.distributed import split_dataset_by_node
+        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.consumed, self.epoch = 0, 0
+        self._iter = self._blocks()
+
+    def _blocks(self):
+        block = self.cfg.seq_len + 1
+        while True:
+            buffer, produced = [], 0
+            for example in self.ds:
+                buffer.extend(self.tokenizer.encode(example[self.cfg.column] or ""))
+                buffer.append(self.tokenizer.eos_id)
+                while len(buffer) >= block:
+                    yield torch.tensor(buffer[:block], dtype=torch.long)
+                    buffer = buffer[block:]
+                    produced += 1
+            if produced == 0:
+                raise ValueError(f"data.path={self.cfg.path!r} yields no block of "
+                                 f"{block} tokens on this rank")
+            self.epoch += 1
+
+    def next_batch(self) -> torch.Tensor:
+        rows = [next(self._iter) for _ in range(self.batch_size)]
+        self.consumed += self.batch_size
+        return torch.stack(rows)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._iter, self.consumed = self._blocks(), 0
+        for _ in range(state["consumed"]):
+            next(self._iter)
+        self.consumed = state["consumed"]
+
+
+def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_size: int):
+    """Returns (train source with next_batch/state_dict, validation blocks or None)."""
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} tokens (data.tokenizer={cfg.tokenizer!r})")
+    train_ds = load_texts(cfg, "train")
+    val_ds = load_texts(cfg, "validation")
+    val_blocks = tokenize_and_pack(val_ds, cfg, tokenizer) if val_ds is not None and \
+        not cfg.streaming else None
+    if cfg.streaming:
+        if val_ds is not None:
+            val_blocks = torch.stack([b for _, b in zip(range(256), StreamingBlocks(
+                val_ds, cfg, tokenizer, 1, 0, 1)._blocks())])
+        return StreamingBlocks(train_ds, cfg, tokenizer, batch_size, rank, world), val_blocks
+    blocks = tokenize_and_pack(train_ds, cfg, tokenizer)
+    if len(blocks) == 0:
+        raise ValueError(f"data.path={cfg.path!r} holds fewer than {cfg.seq_len + 1} tokens")
+    if val_blocks is None and cfg.val_fraction > 0:
+        n_val = max(1, int(len(blocks) * cfg.val_fraction))
+        blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]
+    return ShardedBlocks(blocks, batch_size, rank, world, cfg.seed), val_blocks

@@ -1,0 +1,41 @@
+"""Entry point: `python -m moetrain.train [hydra overrides]` (or `moetrain-train`).
+
+Thin on purpose: Hydra composes configs/ over the typed schema in moetrain.config; the
+Trainer does the rest. A bad config or bad data ends the run with one line on stderr and
+exit code 2, on every rank, before any collective.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moetrain.config import RunConfig
+
+ConfigStore.instance().store(name="train_schema", node=RunConfig)
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(dict_cfg: DictConfig) -> None:
+    from moetrain.trainer import Trainer, TrainingStopped, dry_run
+
+    cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+    try:
+        if cfg.dry_run:
+            cfg.validate(1)
+            dry_run(cfg)
+            return
+        Trainer(cfg).fit()
+    except ValueError as error:
+        print(f"moetrain: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except TrainingStopped as stop:
+        print(f"moetrain: stopped: {stop}", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The pretraining loop: build, parallelize, train, validate, monitor, log.
+
+Order at start-up: validate the whole config (no collective yet), load and check the data, join
+the process group, pick the run directory on rank 0, build the model with the same seed on
+every rank, parallelize, then loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moetrain.config import RunConfig
+from moetrain.data.loader import build_data
+from moetrain.loggers import RunLogger
+from moetrain.model import Transformer, num_params
+from moetrain.model.balance import pop_step_loads, update_expert_bias
+from moetrain.monitor import CollapseDetector, expert_load_record
+from moetrain.optim import build_optimizer
+from moetrain.parallel import (all_reduce_sum, build_mesh, clip_grad_norm_, finalize_grads,
+                               init_distributed, parallelize)
+
+
+class TrainingStopped(RuntimeError):
+    """A policy stopped the run (non-finite loss, expert collapse); the message says why."""
+
+
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def describe(cfg: RunConfig, model: Transformer, world: int) -> str:
+    counts = num_params(model)
+    lines = [f"parameters: {counts['total']:,} total, {counts['active']:,} active per token"]
+    moe = cfg.model.moe
+    if moe is not None:
+        ep = cfg.parallel.ep
+        lines.append(f"experts: {moe.num_experts} per MoE layer x {len(cfg.model.moe_layers)} "
+                     f"layers, top-{moe.top_k}, {moe.num_experts // ep} per rank")
+    else:
+        lines.append("experts: none (dense model)")
+    ep = cfg.parallel.ep
+    lines.append(f"mesh: world {world} = ep {ep} x edp {world // ep}; dense params "
+                 f"data-parallel over {world} ranks")
+    return "\n".join(lines)
+
+
+def dry_run(cfg: RunConfig) -> dict:
+    """Build on the meta device (no memory, any size) and report sizes and layout."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    print(describe(cfg, model, world_size_from_env()), flush=True)
+    return num_params(model)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        world = world_size_from_env()
+        cfg.validate(world)
+        self.cfg = cfg
+        env_rank = int(os.environ.get("RANK", "0"))
+        self.data, self.val_blocks = build_data(cfg.data, cfg.train.micro_batch_size, env_rank,
+                                                world, cfg.model.vocab_size)
+        self.distributed = world > 1 or "MASTER_ADDR" in os.environ
+        if self.distributed:
+            self.rank, self.world = init_distributed(cfg.parallel.timeout_s)
+        else:
+            self.rank, self.world = 0, 1
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if torch.cuda.is_available() else torch.device("cpu"))
+        self.run_dir = self._choose_run_dir()
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = Transformer(cfg.model).to(self.device)
+        self.mesh = None
+        self.module = self.model
+        if self.distributed:
+            num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
+            self.mesh = build_mesh(cfg.parallel, num_experts)
+            self.module = parallelize(self.model, self.mesh, cfg.parallel)
+        if cfg.train.compile:
+            for block in self.model.layers:
+                block.compile()
+        self.moe_layers = self.model.moe_layers()
+        self.moe_layer_ids = [i for i, layer in enumerate(self.model.layers) if layer.is_moe]
+        self.reduce = all_reduce_sum(dist.group.WORLD) if self.distributed else None
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
+        self.detector = (CollapseDetector(cfg.monitor, self.moe_layer_ids,
+                                          cfg.model.moe.num_experts) if self.moe_layers else None)
+        self.step = 0
+        self.logger = None
+
+    # ------------------------------------------------------------------ setup helpers
+    def _choose_run_dir(self) -> Path:
+        """Rank 0 decides and creates it; the others receive the same path."""
+        path = [None]
+        if self.rank == 0:
+            if self.cfg.run_dir:
+                path[0] = self.cfg.run_dir
+            else:
+                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+                path[0] = os.path.join("runs", f"{self.cfg.name}-{stamp}")
+            Path(path[0]).mkdir(parents=True, exist_ok=True)
+        if self.distributed and self.world > 1:
+            dist.broadcast_object_list(path, src=0)
+        return Path(path[0])
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _peak_flops(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        if self.cfg.train.peak_tflops:
+            return self.cfg.train.peak_tflops * 1e12
+        name = torch.cuda.get_device_name(self.device)
+        return next((v * 1e12 for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
+
+    def _flops_per_token(self) -> float:
+        m, T = self.cfg.model, self.cfg.data.seq_len
+        return 6 * num_params(self.model)["active"] + 12 * m.n_layers * m.dim * T
+
+    # ------------------------------------------------------------------ the loop
+    def loss_on(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T + 1) -> (cross-entropy, aux loss)."""
+        with self._autocast():
+            logits, aux = self.module(tokens[:, :-1])
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                             tokens[:, 1:].reshape(-1))
+        return ce, aux
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        accum = cfg.train.grad_accum
+        ce_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            tokens = self.data.next_batch().to(self.device)
+            sync = contextlib.nullcontext()
+            if micro < accum - 1 and hasattr(self.module, "no_sync"):
+                sync = self.module.no_sync()  # DDP: all-reduce once, after the last one
+            with sync:
+                ce, aux = self.loss_on(tokens)
+                ((ce + aux) / accum).backward()
+            ce_sum += ce.detach() / accum
+            aux_sum += aux.detach() / accum
+        if self.distributed:
+            finalize_grads(self.model, self.mesh)
+        losses = torch.stack([ce_sum, aux_sum])
+        if self.reduce is not None:
+            losses = self.reduce(losses) / self.world
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm_(self.model, max_norm, self.mesh)
+        ce_value, aux_value = losses.tolist()  # one sync per step; every rank sees the same
+        loads = pop_step_loads(self.moe_layers, self.reduce) if self.moe_layers else None
+        finite = math.isfinite(ce_value + aux_value) and math.isfinite(grad_norm.item())
+        if finite:
+            self.optimizer.step()
+            if loads is not None and cfg.model.balance.aux_free:
+                update_expert_bias(self.moe_layers, loads, cfg.model.balance.bias_update_rate,
+                                   cfg.model.balance.bias_center)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if not finite:
+            message = (f"non-finite loss at step {self.step + 1} (cross-entropy {ce_value}, "
+                       f"aux {aux_value}, grad norm {grad_norm.item()})")
+            if cfg.train.on_nonfinite == "stop":
+                raise TrainingStopped(message + "; stopping (train.on_nonfinite=stop); no "
+                                      "checkpoint of these weights is written")
+            self._warn(message + "; step skipped (train.on_nonfinite=skip)")
+        return {"ce_loss": ce_value, "aux_loss": aux_value, "loss": ce_value + aux_value,
+                "grad_norm": grad_norm.item(), "loads": loads, "skipped": not finite}
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean validation cross-entropy over the same number of batches on every rank (the
+        MoE layers hold collectives, so every rank must run every forward)."""
+        if self.val_blocks is None:
+            return None
+        per_rank = len(self.val_blocks) // self.world
+        if per_rank == 0:
+            return None
+        size = min(self.cfg.train.micro_batch_size, per_rank)
+        batches = min(self.cfg.train.val_batches, per_rank // size)
+        shard = self.val_blocks[self.rank * per_rank:(self.rank + 1) * per_rank]
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(batches):
+            ce, _ = self.loss_on(shard[i * size:(i + 1) * size].to(self.device))
+            total += ce
+        self.model.train()
+        total = total / batches
+        if self.reduce is not None:
+            total = self.reduce(total) / self.world
+        return total.item()
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.rank == 0:
+            from omegaconf import OmegaConf
+            resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+            (self.run_dir / "config.yaml").write_text(resolved)
+            print(describe(cfg, self.model, self.world), flush=True)
+            print(f"run dir: {self.run_dir}", flush=True)
+            self.logger = RunLogger(cfg.logger, self.run_dir,
+                                    OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                    cfg.name, cfg.train.steps)
+        tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+                           * self.world)
+        peak = self._peak_flops()
+        summary = {}
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < cfg.train.steps:
+                out = self.train_step()
+                self.step += 1
+                window_steps += 1
+                last = self.step == cfg.train.steps
+                record = None
+                if self.step % cfg.train.log_every == 0 or last:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                    window_start, window_steps = time.perf_counter(), 0
+                    record = {"step": self.step, "loss": out["loss"], "ce_loss": out["ce_loss"],
+                              "aux_loss": out["aux_loss"], "grad_norm": out["grad_norm"],
+                              "lr": self.scheduler.get_last_lr()[0],
+                              "tokens_per_s": tokens_per_s,
+                              "tokens_seen": tokens_per_step * self.step}
+                    if peak:
+                        record["mfu"] = (tokens_per_s * self._flops_per_token() / self.world
+                                         / peak)
+                    if out["loads"] is not None:
+                        record["moe"] = expert_load_record(self.moe_layers, self.moe_layer_ids,
+                                                           out["loads"])
+                        self._check_collapse(out["loads"])
+                if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or last):
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        record = record or {"step": self.step}
+                        record["val_loss"] = val_loss
+                        summary["val_loss"] = val_loss
+                if record is not None and self.logger is not None:
+                    self.logger.log(record)
+                    worst = max(record["moe"]["max_violation_global"]) if "moe" in record \
+                        else None
+                    self.logger.progress(self.step, out["loss"], record.get("tokens_per_s", 0.0),
+                                         worst)
+                summary.update(step=self.step, loss=out["loss"])
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+        return summary
+
+    def _check_collapse(self, loads: torch.Tensor) -> None:
+        messages = self.detector.update(loads)
+        for message in messages:
+            if self.logger is not None:
+                self.logger.alert(message)
+        if messages and self.cfg.monitor.on_collapse == "stop":
+            raise TrainingStopped(f"{messages[0]} at step {self.step}; stopping "
+                                  "(monitor.on_collapse=stop)")
+
+    def _warn(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
