@@ -23,6 +23,8 @@ def main(dict_cfg: DictConfig) -> None:
     from moetrain.trainer import Trainer, TrainingStopped, dry_run
 
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+    if cfg.name == RunConfig.name:
+        cfg.name = _name_from_choices()
     try:
         if cfg.dry_run:
             cfg.validate(1)
@@ -35,6 +37,18 @@ def main(dict_cfg: DictConfig) -> None:
     except TrainingStopped as stop:
         print(f"moetrain: stopped: {stop}", file=sys.stderr, flush=True)
         sys.exit(3)
+
+
+def _name_from_choices() -> str:
+    """e.g. deepseek_tiny-aux_free, plus the job number inside a multirun sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
+    name = f"{choices.get('model')}-{choices.get('balance')}"
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        name += f"-job{hydra_cfg.job.num}"
+    return name
 
 
 if __name__ == "__main__":
