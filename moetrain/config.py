@@ -283,7 +283,7 @@ class MonitorConfig:
 
     starve_fraction: float = 0.1  # an expert below this share of its fair load (1/E) ...
     patience: int = 5  # ... for this many consecutive log steps is collapsing
-    entropy_floor: float = 0.5  # or a layer whose normalised load entropy falls below this
+    entropy_floor: float = 0.5  # or a layer's normalised load entropy stays below this
     on_collapse: str = "warn"  # warn | stop
 
     def validate(self) -> None:

@@ -37,14 +37,16 @@ def expert_load_record(moe_layers: list, layer_ids: list[int],
 
 
 class CollapseDetector:
-    """Flags a layer when some expert stays below `starve_fraction` of its fair share (1/E)
-    for `patience` consecutive checks, or its normalised load entropy drops below the floor.
+    """Flags a layer when, for `patience` consecutive checks, some expert stays below
+    `starve_fraction` of its fair share (1/E) or its normalised load entropy stays below the
+    floor (patience on both, so a transient imbalance at initialisation is not a collapse).
     Each (layer, kind) is reported once until it recovers. Deterministic in the loads, so every
     rank reaches the same decision from the same all-reduced loads."""
 
     def __init__(self, cfg: MonitorConfig, layer_ids: list[int], num_experts: int):
         self.cfg, self.layer_ids = cfg, layer_ids
         self.starved_for = torch.zeros(len(layer_ids), num_experts, dtype=torch.long)
+        self.low_entropy_for = torch.zeros(len(layer_ids), dtype=torch.long)
         self.active: set[tuple[int, str]] = set()
 
     def update(self, global_loads: torch.Tensor) -> list[str]:
@@ -55,6 +57,8 @@ class CollapseDetector:
         starved = fraction < self.cfg.starve_fraction / E
         self.starved_for = torch.where(starved, self.starved_for + 1, 0)
         entropy = load_metrics(loads)["entropy"]
+        self.low_entropy_for = torch.where(entropy < self.cfg.entropy_floor,
+                                           self.low_entropy_for + 1, 0)
         messages, now_active = [], set()
         for i, layer in enumerate(self.layer_ids):
             experts = (self.starved_for[i] >= self.cfg.patience).nonzero().flatten().tolist()
@@ -65,17 +69,20 @@ class CollapseDetector:
                         f"expert collapse in layer {layer}: experts {experts} below "
                         f"{self.cfg.starve_fraction:.0%} of their fair share for "
                         f"{self.cfg.patience} consecutive checks")
-            if entropy[i] < self.cfg.entropy_floor:
+            if self.low_entropy_for[i] >= self.cfg.patience:
                 now_active.add((layer, "entropy"))
                 if (layer, "entropy") not in self.active:
                     messages.append(f"expert collapse in layer {layer}: normalised load entropy "
-                                    f"{entropy[i]:.3f} < floor {self.cfg.entropy_floor}")
+                                    f"{entropy[i]:.3f} below {self.cfg.entropy_floor} for "
+                                    f"{self.cfg.patience} consecutive checks")
         self.active = now_active
         return messages
 
     def state_dict(self) -> dict:
-        return {"starved_for": self.starved_for.clone(), "active": sorted(self.active)}
+        return {"starved_for": self.starved_for.clone(),
+                "low_entropy_for": self.low_entropy_for.clone(), "active": sorted(self.active)}
 
     def load_state_dict(self, state: dict) -> None:
         self.starved_for = state["starved_for"].clone()
+        self.low_entropy_for = state["low_entropy_for"].clone()
         self.active = {tuple(a) for a in state["active"]}

@@ -7,6 +7,7 @@ moetrain.parallel installs; in one process it is the identity.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -56,7 +57,8 @@ def load_metrics(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
     num_experts = load.shape[-1]
     plogp = torch.where(fraction > 0, fraction * fraction.clamp(min=1e-30).log(),
                         torch.zeros_like(fraction))
-    entropy = -plogp.sum(dim=-1) / max(torch.log(torch.tensor(float(num_experts))).item(), 1e-9)
+    # abs: the entropy is >= 0, and a one-expert load would otherwise print as -0.000
+    entropy = plogp.sum(dim=-1).abs() / max(math.log(num_experts), 1e-9)
     return {
         "load_fraction": fraction,
         "max_violation": load.max(dim=-1).values / mean_load - 1,

@@ -1,0 +1,132 @@
+"""The training loop in one process: collapse detection, non-finite policies, optimizer."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moetrain.config import (BalanceConfig, DataConfig, LoggerConfig, LoopConfig, ModelConfig,
+                             MonitorConfig, MoEConfig, OptimConfig, RunConfig, WandbConfig)
+from moetrain.monitor import CollapseDetector
+from moetrain.optim import build_optimizer, param_groups
+from moetrain.trainer import Trainer, TrainingStopped
+
+
+def tiny_run(tmp_path, moe=None, balance=None, steps=6, patience=4, micro_batch_size=4,
+             **train):
+    return RunConfig(
+        run_dir=str(tmp_path / "run"),
+        model=ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, ffn_hidden=64,
+                          max_seq_len=32, moe=moe, balance=balance or BalanceConfig()),
+        data=DataConfig(synthetic_docs=400, synthetic_val_docs=40, seq_len=32),
+        optim=OptimConfig(lr=3e-3, warmup_steps=4),
+        train=LoopConfig(steps=steps, micro_batch_size=micro_batch_size, log_every=2,
+                         val_every=0, **train),
+        monitor=MonitorConfig(patience=patience, on_collapse="stop"),
+        logger=LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=False))
+
+
+def skewed_run(tmp_path, balance):
+    """Top-1 sigmoid routing whose selection bias starts out sending every token to expert 0:
+    sigmoid scores here lie within about 0.5 +- 0.1, so a +0.2 bias beats all of them."""
+    moe = MoEConfig(router="sigmoid", num_experts=8, top_k=1, expert_hidden=32)
+    cfg = tiny_run(tmp_path, moe, balance, steps=48, patience=6, micro_batch_size=16)
+    cfg.train.log_every = 4
+    trainer = Trainer(cfg)
+    torch.manual_seed(0)
+    for layer in trainer.model.moe_layers():
+        layer.router.weight.data.normal_(std=0.05)
+        layer.router.expert_bias[0] = 0.2
+    return trainer
+
+
+def test_collapse_is_detected_without_balancing(tmp_path):
+    trainer = skewed_run(tmp_path, BalanceConfig(aux_loss="none"))
+    with pytest.raises(TrainingStopped, match=r"expert collapse in layer \d: experts \["):
+        trainer.fit()
+    assert trainer.step == 24  # patience 6 checks x log_every 4: as early as possible
+    events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any(e.get("event") == "collapse" for e in events)
+    assert min(events[0]["moe"]["dead_experts"]) >= 5  # (nearly) every token on expert 0
+
+
+def test_same_run_with_aux_free_balancing_is_not_flagged(tmp_path):
+    trainer = skewed_run(tmp_path, BalanceConfig(aux_free=True, bias_update_rate=0.02))
+    summary = trainer.fit()
+    assert summary["step"] == 48
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert not any("event" in r for r in records)
+    first_violation = max(records[0]["moe"]["max_violation_global"])
+    assert all(max(r["moe"]["max_violation_global"]) < 0.5 * first_violation
+               for r in records[-3:])
+    for layer in trainer.model.moe_layers():  # the bias undid expert 0's +0.2 head start
+        bias = layer.router.expert_bias
+        assert bias[0] - bias[1:].mean() < 0.05
+
+
+def test_collapse_detector_patience_reporting_and_recovery():
+    detector = CollapseDetector(MonitorConfig(patience=2, entropy_floor=0.2), [3], 4)
+    skewed = torch.tensor([[100.0, 100.0, 100.0, 1.0]])
+    assert detector.update(skewed) == []
+    messages = detector.update(skewed)
+    assert messages == ["expert collapse in layer 3: experts [3] below 10% of their fair share "
+                        "for 2 consecutive checks"]
+    assert detector.update(skewed) == []  # reported once
+    assert detector.update(torch.tensor([[1.0, 1.0, 1.0, 1.0]])) == []  # recovered
+    detector.update(skewed)
+    assert len(detector.update(skewed)) == 1  # a new episode is reported again
+    one_expert = torch.tensor([[400.0, 0.0, 0.0, 0.0]])
+    detector.update(one_expert)
+    assert any("entropy 0.000 below 0.2" in m for m in detector.update(one_expert))
+
+
+class NaNAt:
+    """Wraps Trainer.loss_on: the cross-entropy turns NaN during optimizer step `step`."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step, self.inner = trainer, step, trainer.loss_on
+
+    def __call__(self, tokens):
+        ce, aux = self.inner(tokens)
+        if self.trainer.step + 1 == self.step and self.trainer.model.training:
+            ce = ce * float("nan")
+        return ce, aux
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path):
+    trainer = Trainer(tiny_run(tmp_path, steps=5))
+    trainer.loss_on = NaNAt(trainer, 3)
+    with pytest.raises(TrainingStopped, match="non-finite loss at step 3"):
+        trainer.fit()
+
+
+def test_nonfinite_loss_skip_leaves_weights_untouched(tmp_path):
+    skipping = Trainer(tiny_run(tmp_path / "a", steps=3, on_nonfinite="skip"))
+    skipping.loss_on = NaNAt(skipping, 3)
+    skipping.fit()
+    reference = Trainer(tiny_run(tmp_path / "b", steps=2))  # warmup: same lr for steps 1-2
+    reference.fit()
+    for (name, a), b in zip(skipping.model.state_dict().items(),
+                            reference.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_no_weight_decay_on_norms_and_embeddings_and_schedule_shape():
+    from moetrain.model import Transformer
+    model = Transformer(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, moe=None))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        "tok_embeddings.weight", "layers.0.attn_norm.weight", "layers.0.ffn_norm.weight",
+        "norm.weight"}
+    opt, sched = build_optimizer(model, OptimConfig(lr=1.0, warmup_steps=10,
+                                                    min_lr_ratio=0.1), total_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert math.isclose(lrs[0], 0.1) and math.isclose(lrs[9], 1.0)
+    assert math.isclose(lrs[60], 0.1 + 0.9 * 0.5, rel_tol=1e-6) and lrs[-1] > 0.1
