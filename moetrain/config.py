@@ -262,6 +262,9 @@ class LoopConfig:
     on_nonfinite: str = "stop"  # stop | skip the step
     seed: int = 0
     peak_tflops: float | None = None  # for MFU on GPUs; None = guess from the device name
+    # Leave after this step with a checkpoint (fixed-length cluster jobs, like Megatron's
+    # --exit-interval); the next job continues with resume=auto.
+    exit_at_step: int | None = None
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -269,6 +272,8 @@ class LoopConfig:
             _check(value >= 1, f"train.{name}={value} must be >= 1")
         _check(self.val_every >= 0, f"train.val_every={self.val_every} must be >= 0")
         _check(self.val_batches >= 1, f"train.val_batches={self.val_batches} must be >= 1")
+        _check(self.exit_at_step is None or self.exit_at_step >= 1,
+               f"train.exit_at_step={self.exit_at_step} must be >= 1 or null")
         _check(self.on_nonfinite in NONFINITE_POLICIES,
                f"train.on_nonfinite={self.on_nonfinite!r} is not one of "
                f"{', '.join(NONFINITE_POLICIES)}")
@@ -318,12 +323,24 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N optimizer steps; 0: only at the end
+    keep_last: int = 3  # complete checkpoints kept; 0 keeps all
+    at_end: bool = True
+
+    def validate(self) -> None:
+        _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0")
+        _check(self.keep_last >= 0, f"checkpoint.keep_last={self.keep_last} must be >= 0")
+
+
+@dataclass
 class RunConfig:
     """The whole run: what `python -m moetrain.train` takes (Hydra schema `train_schema`)."""
 
     name: str = "moetrain"
     run_dir: str | None = None  # None: runs/<name>-<timestamp>, chosen on rank 0
     dry_run: bool = False  # build on the meta device, print sizes and layout, exit
+    resume: str | None = None  # auto: newest complete checkpoint of run_dir; or a path
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -331,6 +348,7 @@ class RunConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, world_size: int) -> None:
         """Every check that needs no data and no collective, run first on every rank."""
@@ -342,6 +360,10 @@ class RunConfig:
         self.train.validate()
         self.monitor.validate()
         self.logger.validate()
+        self.checkpoint.validate()
+        _check(self.resume != "auto" or bool(self.run_dir),
+               "resume=auto needs run_dir=<the run's directory> (a new run dir has no "
+               "checkpoints)")
         _check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                f"{self.model.max_seq_len}")

@@ -36,8 +36,12 @@ class RunLogger:
         self.mode = resolve_wandb_mode(cfg.wandb.mode)
         if self.mode != "disabled":
             import wandb
+            # One wandb run per run dir: a resumed run continues the same dashboard.
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
-                                    name=name, mode=self.mode, dir=str(run_dir),
+                                    name=name, mode=self.mode, dir=str(run_dir), id=run_id,
                                     config=config, resume="allow")
         self.bar = None
         if cfg.progress_bar:
@@ -59,9 +63,12 @@ class RunLogger:
             postfix["maxvio"] = f"{worst_max_violation:.2f}"
         self.bar.set_postfix(postfix, refresh=True)
 
+    def event(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+
     def alert(self, message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
-        self.metrics.write(json.dumps({"event": "collapse", "message": message}) + "\n")
+        self.event({"event": "collapse", "message": message})
         if self.wandb is not None and self.mode == "online":
             self.wandb.alert(title="moetrain: expert collapse", text=message)
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moetrain.checkpoint import Checkpointer, resolve_resume
 from moetrain.config import RunConfig
 from moetrain.data.loader import build_data
 from moetrain.loggers import RunLogger
@@ -72,7 +73,8 @@ class Trainer:
         self.cfg = cfg
         env_rank = int(os.environ.get("RANK", "0"))
         self.data, self.val_blocks = build_data(cfg.data, cfg.train.micro_batch_size, env_rank,
-                                                world, cfg.model.vocab_size)
+                                                world, cfg.model.vocab_size,
+                                                cfg.train.grad_accum)
         self.distributed = world > 1 or "MASTER_ADDR" in os.environ
         if self.distributed:
             self.rank, self.world = init_distributed(cfg.parallel.timeout_s)
@@ -101,21 +103,33 @@ class Trainer:
                                           cfg.model.moe.num_experts) if self.moe_layers else None)
         self.step = 0
         self.logger = None
+        self.checkpointer = Checkpointer(self)
+        resume_from = self._broadcast(resolve_resume(cfg.resume, self.run_dir)
+                                      if self.rank == 0 else None)
+        self.resumed_from = resume_from
+        if resume_from is not None:
+            self.checkpointer.load(Path(resume_from))
 
     # ------------------------------------------------------------------ setup helpers
+    def _broadcast(self, value):
+        """Rank 0's value on every rank."""
+        if self.distributed and self.world > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return value
+
     def _choose_run_dir(self) -> Path:
         """Rank 0 decides and creates it; the others receive the same path."""
-        path = [None]
+        path = None
         if self.rank == 0:
             if self.cfg.run_dir:
-                path[0] = self.cfg.run_dir
+                path = self.cfg.run_dir
             else:
                 stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-                path[0] = os.path.join("runs", f"{self.cfg.name}-{stamp}")
-            Path(path[0]).mkdir(parents=True, exist_ok=True)
-        if self.distributed and self.world > 1:
-            dist.broadcast_object_list(path, src=0)
-        return Path(path[0])
+                path = os.path.join("runs", f"{self.cfg.name}-{stamp}")
+            Path(path).mkdir(parents=True, exist_ok=True)
+        return Path(self._broadcast(path))
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -209,16 +223,20 @@ class Trainer:
         return total.item()
 
     def fit(self) -> dict:
+        from omegaconf import OmegaConf
         cfg = self.cfg
+        resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if self.rank == 0:
-            from omegaconf import OmegaConf
-            resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
             (self.run_dir / "config.yaml").write_text(resolved)
             print(describe(cfg, self.model, self.world), flush=True)
             print(f"run dir: {self.run_dir}", flush=True)
             self.logger = RunLogger(cfg.logger, self.run_dir,
                                     OmegaConf.to_container(OmegaConf.structured(cfg)),
                                     cfg.name, cfg.train.steps)
+            if self.resumed_from is not None:
+                print(f"resumed from {self.resumed_from} at step {self.step}", flush=True)
+                self.logger.event({"event": "resume", "step": self.step,
+                                   "checkpoint": str(self.resumed_from)})
         tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
                            * self.world)
         peak = self._peak_flops()
@@ -230,6 +248,7 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 last = self.step == cfg.train.steps
+                exiting = self.step == cfg.train.exit_at_step and not last
                 record = None
                 if self.step % cfg.train.log_every == 0 or last:
                     elapsed = time.perf_counter() - window_start
@@ -260,6 +279,12 @@ class Trainer:
                     self.logger.progress(self.step, out["loss"], record.get("tokens_per_s", 0.0),
                                          worst)
                 summary.update(step=self.step, loss=out["loss"])
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or (last and cfg.checkpoint.at_end) \
+                        or exiting:
+                    self.checkpointer.save(resolved)
+                if exiting:
+                    break
         finally:
             if self.logger is not None:
                 self.logger.close()

@@ -28,7 +28,13 @@ def read_records(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"plot_expert_load: {path} does not exist; pass a moetrain run dir")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    # A resumed run logs again the steps after its checkpoint: keep the latest of each step.
+    latest = {}
+    for r in records:
+        if "step" in r and "event" not in r:
+            latest.setdefault(r["step"], {}).update(r)
+    return [latest[s] for s in sorted(latest)]
 
 
 def plot(run_dir: Path, out: Path) -> list[Path]:

@@ -74,42 +74,49 @@ def tokenize_and_pack(ds, cfg: DataConfig, tokenizer) -> torch.Tensor:
 
 
 class ShardedBlocks:
-    """Each epoch: a seeded permutation of all blocks, cut into `world` disjoint contiguous
-    slices; rank r reads its slice in micro-batches. The same seed gives every rank the same
-    permutation, so no two ranks read the same block in an epoch."""
+    """Global batches, each split over ranks.
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, rank: int, world: int, seed: int):
-        per_rank = len(blocks) // world
-        if per_rank < batch_size:
-            raise ValueError(f"{len(blocks)} training blocks are too few for {world} ranks x "
-                             f"batch {batch_size}: lower train.micro_batch_size or data.seq_len, "
-                             "or add data")
-        self.blocks, self.batch_size = blocks, batch_size
-        self.rank, self.world, self.seed = rank, world, seed
-        self.batches_per_epoch = per_rank // batch_size
-        self.epoch, self.batch_in_epoch = 0, 0
+    Each epoch is a seeded permutation of all blocks, cut into global batches of
+    micro_batch_size * grad_accum * world blocks; rank r reads its own contiguous slice of each
+    global batch, one micro-batch at a time. The global batch of a step therefore does not
+    depend on how it is split: a run resumed on another number of ranks (with the same global
+    batch) continues on exactly the same tokens, and no two ranks read the same block in an
+    epoch. The state is (epoch, micro-batches read in this epoch)."""
 
-    def block_indices(self, epoch: int) -> torch.Tensor:
-        """This rank's block indices for `epoch`, in reading order."""
+    def __init__(self, blocks: torch.Tensor, micro_batch_size: int, grad_accum: int, rank: int,
+                 world: int, seed: int):
+        self.per_rank = micro_batch_size * grad_accum
+        self.global_batch = self.per_rank * world
+        if len(blocks) < self.global_batch:
+            raise ValueError(f"{len(blocks)} training blocks are fewer than one global batch "
+                             f"({world} ranks x {grad_accum} x {micro_batch_size}): lower "
+                             "train.micro_batch_size or data.seq_len, or add data")
+        self.blocks, self.micro_batch_size, self.grad_accum = blocks, micro_batch_size, grad_accum
+        self.rank, self.seed = rank, seed
+        self.micro_batches_per_epoch = (len(blocks) // self.global_batch) * grad_accum
+        self.epoch, self.micro_in_epoch = 0, 0
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.blocks), generator=g)
-        per_rank = len(self.blocks) // self.world
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return torch.randperm(len(self.blocks), generator=g)
 
     def next_batch(self) -> torch.Tensor:
-        """(batch_size, seq_len + 1) token ids."""
-        if self.batch_in_epoch == self.batches_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        start = self.batch_in_epoch * self.batch_size
-        idx = self.block_indices(self.epoch)[start:start + self.batch_size]
-        self.batch_in_epoch += 1
+        """(micro_batch_size, seq_len + 1) token ids."""
+        if self.micro_in_epoch == self.micro_batches_per_epoch:
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+        step, micro = divmod(self.micro_in_epoch, self.grad_accum)
+        start = step * self.global_batch + self.rank * self.per_rank + micro * self.micro_batch_size
+        idx = self._permutation(self.epoch)[start:start + self.micro_batch_size]
+        self.micro_in_epoch += 1
         return self.blocks[idx]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        """Layout-independent: micro-batches are counted per rank, so store optimizer steps."""
+        return {"epoch": self.epoch, "steps_in_epoch": self.micro_in_epoch // self.grad_accum}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.epoch = state["epoch"]
+        self.micro_in_epoch = state["steps_in_epoch"] * self.grad_accum
 
 
 class StreamingBlocks:
@@ -154,7 +161,8 @@ class StreamingBlocks:
         self.consumed = state["consumed"]
 
 
-def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_size: int):
+def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_size: int,
+               grad_accum: int = 1):
     """Returns (train source with next_batch/state_dict, validation blocks or None)."""
     tokenizer = build_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > vocab_size:
@@ -175,4 +183,4 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_si
     if val_blocks is None and cfg.val_fraction > 0:
         n_val = max(1, int(len(blocks) * cfg.val_fraction))
         blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]
-    return ShardedBlocks(blocks, batch_size, rank, world, cfg.seed), val_blocks
+    return ShardedBlocks(blocks, batch_size, grad_accum, rank, world, cfg.seed), val_blocks

@@ -26,8 +26,30 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0:
+            dist.init_process_group(backend, store=_fresh_store(restart, timeout),
+                                    rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _fresh_store(restart: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this restart of the job.
+
+    After torchrun restarts failed workers, the restarted ranks can read their peers' addresses
+    left in the store by the previous attempt and fail to connect ("Connection refused"; seen
+    here with gloo, reported with NCCL in pytorch/pytorch#167288). A per-attempt prefix makes
+    every rank wait for the new addresses."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    rank = int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=not agent_store and rank == 0,
+                          timeout=timeout, multi_tenant=not agent_store)
+    return dist.PrefixStore(f"moetrain/attempt{restart}", store)
 
 
 def build_mesh(cfg: ParallelConfig, num_experts: int | None) -> DeviceMesh:

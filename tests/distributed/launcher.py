@@ -1,6 +1,6 @@
 """Start N gloo ranks with torch.multiprocessing and collect what each returns.
 
-Every rank runs `fn(rank, world_size, *args)` after joining a process group that has a timeout,
+Every rank runs `fn(rank, world_size, *args, **kwargs)` after joining a process group that has a timeout,
 so a failing rank makes the others fail fast instead of hanging the test session.
 """
 
@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, out_dir, fn, args):
+def _entry(rank, world_size, port, out_dir, fn, args, kwargs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -29,16 +29,16 @@ def _entry(rank, world_size, port, out_dir, fn, args):
     from moetrain.parallel import init_distributed
     init_distributed(timeout_s=60)
     try:
-        result = fn(rank, world_size, *args)
+        result = fn(rank, world_size, *args, **kwargs)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args):
+def run_distributed(fn, world_size: int, *args, **kwargs):
     """Returns [result of rank 0, ..., result of rank N-1]; raises if any rank fails."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
-                 join=True)
+        mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args, kwargs),
+                 nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]

@@ -27,9 +27,9 @@ def test_pack_appends_eos_and_cuts_blocks():
 
 def test_two_ranks_never_read_the_same_block_in_an_epoch():
     blocks = torch.arange(103).unsqueeze(1)
-    ranks = [ShardedBlocks(blocks, batch_size=4, rank=r, world=2, seed=7) for r in range(2)]
-    per_epoch = ranks[0].batches_per_epoch
-    assert per_epoch == 12  # 51 blocks per rank // 4
+    ranks = [ShardedBlocks(blocks, 4, 1, rank=r, world=2, seed=7) for r in range(2)]
+    per_epoch = ranks[0].micro_batches_per_epoch
+    assert per_epoch == 12  # 103 blocks // global batch 8 = 12 steps
     for epoch in range(2):
         seen = [torch.cat([rank.next_batch() for _ in range(per_epoch)]).flatten().tolist()
                 for rank in ranks]
@@ -38,13 +38,25 @@ def test_two_ranks_never_read_the_same_block_in_an_epoch():
     assert ranks[0].epoch == 1
 
 
+def test_global_batch_does_not_depend_on_the_split():
+    blocks = torch.arange(200).unsqueeze(1)
+    two = [ShardedBlocks(blocks, 4, 2, rank=r, world=2, seed=3) for r in range(2)]
+    four = [ShardedBlocks(blocks, 2, 2, rank=r, world=4, seed=3) for r in range(4)]
+    one = ShardedBlocks(blocks, 16, 1, rank=0, world=1, seed=3)
+    for _ in range(15):  # crosses an epoch boundary (12 steps of 16)
+        a = torch.cat([r.next_batch() for r in two for _ in range(2)])
+        b = torch.cat([r.next_batch() for r in four for _ in range(2)])
+        assert sorted(a.flatten().tolist()) == sorted(b.flatten().tolist()) == sorted(
+            one.next_batch().flatten().tolist())
+
+
 def test_sharded_blocks_resume_where_they_stopped():
     blocks = torch.arange(50).unsqueeze(1)
-    straight = ShardedBlocks(blocks, 3, 0, 1, seed=1)
+    straight = ShardedBlocks(blocks, 3, 1, 0, 1, seed=1)
     expected = [straight.next_batch() for _ in range(40)]  # crosses epoch boundaries
-    first = ShardedBlocks(blocks, 3, 0, 1, seed=1)
+    first = ShardedBlocks(blocks, 3, 1, 0, 1, seed=1)
     got = [first.next_batch() for _ in range(17)]
-    resumed = ShardedBlocks(blocks, 3, 0, 1, seed=1)
+    resumed = ShardedBlocks(blocks, 3, 1, 0, 1, seed=1)
     resumed.load_state_dict(first.state_dict())
     got += [resumed.next_batch() for _ in range(23)]
     assert all(torch.equal(a, b) for a, b in zip(expected, got))

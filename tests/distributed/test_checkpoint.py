@@ -1,0 +1,176 @@
+"""Checkpoints: exact resume, resharding across ep sizes, crash safety, restart after a dead
+rank under torchrun, strict keys, and export."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moetrain.checkpoint import complete_checkpoints, resolve_resume
+from moetrain.trainer import Trainer
+from tests.distributed.ckpt_workers import losses, run_config, train
+from tests.distributed.launcher import run_distributed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@functools.lru_cache(maxsize=None)
+def straight(family: str, root: str):
+    """10 uninterrupted steps at world 2, ep=2, checkpoints at steps 5 and 10."""
+    run_dir = Path(root) / f"straight-{family}"
+    result = run_distributed(train, 2, run_dir, family, 2)[0]
+    return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_exact_resume_matches_uninterrupted_run(family, root):
+    ref_dir, ref = straight(family, root)
+    run_dir = Path(root) / f"stopped-{family}"
+    first = run_distributed(train, 2, run_dir, family, 2, train={"exit_at_step": 5})[0]
+    assert first["step"] == 5
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["step_00000005"]
+    resumed = run_distributed(train, 2, run_dir, family, 2, resume="auto")[0]
+    assert resumed["step"] == 10
+    got, expected = losses(run_dir), losses(ref_dir)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(1, 11):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), f"step {step}"
+    for key, value in ref["state"].items():
+        torch.testing.assert_close(resumed["state"][key], value, rtol=1e-6, atol=1e-6,
+                                   msg=f"{key} after resuming")
+    if family == "deepseek":
+        assert any("expert_bias" in k and v.abs().sum() > 0 for k, v in ref["state"].items())
+
+
+@pytest.mark.parametrize("world,ep", [(2, 1), (4, 4)], ids=["ep1-edp2", "ep4"])
+def test_resharded_resume_continues_the_same_training(world, ep, root):
+    ref_dir, _ = straight("deepseek", root)
+    checkpoint = ref_dir / "checkpoints" / "step_00000005"
+    run_dir = Path(root) / f"reshard-w{world}-ep{ep}"
+    result = run_distributed(train, world, run_dir, "deepseek", ep, resume=str(checkpoint),
+                             train={"exit_at_step": 6})[0]
+    assert result["step"] == 6
+    assert losses(run_dir)[6] == pytest.approx(losses(ref_dir)[6], rel=1e-5)
+
+
+def test_export_writes_logical_safetensors_from_an_ep2_run(root, tmp_path):
+    from safetensors.torch import load_file
+    ref_dir, ref = straight("mixtral", root)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ref_dir),
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["layers.0.ffn.experts.w_gate"].shape == (8, 16, 32)  # all 8 experts
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, ref["state"][key], rtol=0, atol=0, msg=key)
+    assert "num_experts: 8" in (tmp_path / "config.yaml").read_text()
+
+
+def test_checkpoint_with_wrong_keys_fails_loudly(root, tmp_path):
+    ref_dir, _ = straight("mixtral", root)
+    cfg = run_config(tmp_path / "other", "mixtral", 1, 1,
+                     resume=str(ref_dir / "checkpoints" / "step_00000005"))
+    cfg.model.n_layers = 3  # a layer the checkpoint does not have
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.2"):
+        Trainer(cfg)
+    cfg = run_config(tmp_path / "other", "mixtral", 1, 1,
+                     resume=str(ref_dir / "checkpoints" / "step_00000005"))
+    cfg.model.n_layers = 1
+    with pytest.raises(ValueError, match=r"unexpected keys \['model.layers.1"):
+        Trainer(cfg)
+
+
+CRASH_DURING_SAVE = """
+import sys, time
+from pathlib import Path
+from moetrain.checkpoint import Checkpointer
+from tests.distributed.ckpt_workers import run_config
+from moetrain.trainer import Trainer
+run_dir = Path(sys.argv[1])
+original = Checkpointer._extra_state
+def extra_state(self):
+    if self.trainer.step == 4:  # the DCP files of step 4 are written; the rest never will be
+        (run_dir / "saving").write_text("now")
+        time.sleep(600)
+    return original(self)
+Checkpointer._extra_state = extra_state
+cfg = run_config(run_dir, "mixtral", 1, 1, steps=6)
+cfg.checkpoint.every = 2
+Trainer(cfg).fit()
+"""
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", CRASH_DURING_SAVE, str(run_dir)],
+                             env={**os.environ, "PYTHONPATH": str(REPO)},
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "saving").exists():
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "step_00000004.tmp" / ".metadata").is_file()  # partial, with DCP metadata
+    assert resolve_resume("auto", run_dir) == ckpts / "step_00000002"
+    cfg = run_config(run_dir, "mixtral", 1, 1, steps=6, resume="auto")
+    trainer = Trainer(cfg)
+    assert trainer.step == 2
+    trainer.fit()
+    assert [p.name for p in complete_checkpoints(ckpts)][-1] == "step_00000006"
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def torchrun(run_dir: Path, *extra) -> subprocess.Popen:
+    args = ["model=deepseek_tiny", "balance=aux_free", "parallel.ep=2", "train.steps=12",
+            "train.log_every=1", "train.val_every=0", "train.micro_batch_size=4",
+            "data.seq_len=32", "data.synthetic_docs=600", "logger=none",
+            "checkpoint.every=3", f"run_dir={run_dir}", "resume=auto"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--max-restarts", "1", "--monitor-interval", "0.5", "-m", "moetrain.train", *args,
+         *extra], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_torchrun_restarts_after_a_killed_rank_and_finishes_like_an_uninterrupted_run(
+        tmp_path):
+    reference = torchrun(tmp_path / "reference")
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+
+    job = torchrun(tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step_00000006").exists():
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = children(job.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    got, expected = losses(tmp_path / "killed"), losses(tmp_path / "reference")
+    assert got[12] == pytest.approx(expected[12], rel=1e-6)
+    metrics = (tmp_path / "killed" / "metrics.jsonl").read_text()
+    assert '"event": "resume"' in metrics  # it really restarted from a checkpoint
