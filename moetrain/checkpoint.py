@@ -53,7 +53,7 @@ def complete_checkpoints(root: Path, warn: bool = True) -> list[Path]:
     return found
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str | None, run_dir: Path, field: str = "resume") -> Path | None:
     """`auto`: the newest complete checkpoint of this run dir (None if there is none);
     a path: that checkpoint, which must be complete."""
     if not resume:
@@ -63,7 +63,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / ".metadata").is_file():
-        raise ValueError(f"resume={resume!r} is not a complete checkpoint directory (no DCP "
+        raise ValueError(f"{field}={resume!r} is not a complete checkpoint directory (no DCP "
                          ".metadata); use 'auto' or a checkpoints/step_XXXXXXXX path")
     return path
 
@@ -146,16 +146,28 @@ class Checkpointer:
             shutil.rmtree(old)
 
     # ---------------------------------------------------------------- load
-    def load(self, path: Path) -> None:
-        t = self.trainer
-        state = self._tensor_state()
-        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    @staticmethod
+    def _load_strict(state: dict, path: Path, prefix: str = "") -> None:
+        """DCP-load `state` in place after checking that the checkpoint's keys (those starting
+        with `prefix`) are exactly these: never a model with some weights left at init."""
+        saved = {k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                 if k.startswith(prefix)}
         missing, unexpected = sorted(set(state) - saved), sorted(saved - set(state))
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not match this model: missing keys "
                              f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                              f"keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         dcp.load(state, checkpoint_id=str(path))
+
+    def load_weights(self, path: Path) -> None:
+        """Model weights and buffers (expert bias included) only, for a new run (init_from):
+        the optimizer, schedule, data position and step start afresh."""
+        state = {k: v for k, v in self._tensor_state().items() if k.startswith("model.")}
+        self._load_strict(state, path, prefix="model.")
+
+    def load(self, path: Path) -> None:
+        t = self.trainer
+        self._load_strict(self._tensor_state(), path)
         own = path / f"extra_rank{t.rank}.pt"
         # On a different number of ranks, every rank takes rank 0's (layout-free) extras.
         extra = torch.load(own if own.is_file() else path / "extra_rank0.pt",

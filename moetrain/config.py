@@ -341,6 +341,7 @@ class RunConfig:
     run_dir: str | None = None  # None: runs/<name>-<timestamp>, chosen on rank 0
     dry_run: bool = False  # build on the meta device, print sizes and layout, exit
     resume: str | None = None  # auto: newest complete checkpoint of run_dir; or a path
+    init_from: str | None = None  # a checkpoint to take model weights from (fine-tuning)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -364,6 +365,10 @@ class RunConfig:
         _check(self.resume != "auto" or bool(self.run_dir),
                "resume=auto needs run_dir=<the run's directory> (a new run dir has no "
                "checkpoints)")
+        _check(self.init_from != "auto", "init_from takes a checkpoint path, not 'auto'")
+        _check(not (self.resume and self.init_from),
+               "set resume (continue a run) or init_from (new run from a checkpoint's "
+               "weights), not both")
         _check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                f"{self.model.max_seq_len}")

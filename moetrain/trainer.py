@@ -75,6 +75,10 @@ class Trainer:
         self.data, self.val_blocks = build_data(cfg.data, cfg.train.micro_batch_size, env_rank,
                                                 world, cfg.model.vocab_size,
                                                 cfg.train.grad_accum)
+        # An explicit checkpoint path is checked on every rank, before any collective.
+        init_from = resolve_resume(cfg.init_from, Path("."), field="init_from")
+        if cfg.resume not in (None, "auto"):
+            resolve_resume(cfg.resume, Path("."))
         self.distributed = world > 1 or "MASTER_ADDR" in os.environ
         if self.distributed:
             self.rank, self.world = init_distributed(cfg.parallel.timeout_s)
@@ -109,6 +113,8 @@ class Trainer:
         self.resumed_from = resume_from
         if resume_from is not None:
             self.checkpointer.load(Path(resume_from))
+        elif init_from is not None:
+            self.checkpointer.load_weights(init_from)
 
     # ------------------------------------------------------------------ setup helpers
     def _broadcast(self, value):

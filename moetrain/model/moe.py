@@ -66,7 +66,8 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher()
         # Hook for global-batch statistics: a sum over ranks, installed by moetrain.parallel.
         self.stats_reduce = None
-        # Loads summed over the micro-batches of one optimizer step, for the aux-free update.
+        # Loads summed over the micro-batches of one optimizer step (balance.pop_step_loads):
+        # the aux-free bias update and the global-batch load metrics.
         self.register_buffer("step_tokens_per_expert", torch.zeros(cfg.num_experts),
                              persistent=False)
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -104,7 +105,7 @@ class MoE(nn.Module):
             if self.training:
                 self.step_tokens_per_expert += tokens_per_expert.to(
                     self.step_tokens_per_expert.dtype)
-            # Kept on device; moetrain.model.stats moves every layer's stats in one transfer.
+            # Kept on device; balance.moe_layer_stats moves all layers' stats in one transfer.
             self.last_stats = {
                 "tokens_per_expert": tokens_per_expert.detach(),
                 "dropped_fraction": torch.tensor(

@@ -94,6 +94,24 @@ def test_checkpoint_with_wrong_keys_fails_loudly(root, tmp_path):
         Trainer(cfg)
 
 
+def test_init_from_takes_weights_only_for_fine_tuning_with_a_frozen_router(root, tmp_path):
+    ref_dir, ref = straight("mixtral", root)
+    cfg = run_config(tmp_path / "finetune", "mixtral", 1, 1, steps=3,
+                     init_from=str(ref_dir / "checkpoints" / "step_00000010"))
+    cfg.model.moe.freeze_router = True
+    trainer = Trainer(cfg)
+    assert trainer.step == 0
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, ref["state"][key], rtol=0, atol=0, msg=key)
+    trainer.fit()
+    after, before = trainer.model.state_dict(), ref["state"]
+    router, attention = "layers.0.ffn.router.weight", "layers.0.attn.wq.weight"
+    assert torch.equal(after[router], before[router])
+    assert not torch.equal(after[attention], before[attention])
+    with pytest.raises(ValueError, match="init_from='nowhere' is not a complete checkpoint"):
+        Trainer(run_config(tmp_path / "x", "mixtral", 1, 1, init_from="nowhere"))
+
+
 CRASH_DURING_SAVE = """
 import sys, time
 from pathlib import Path
