@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ class RunLogger:
             import wandb
             # One wandb run per run dir: a resumed run continues the same dashboard.
             id_file = run_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity,
                                     name=name, mode=self.mode, dir=str(run_dir), id=run_id,
@@ -82,7 +83,7 @@ class RunLogger:
     def _wandb_payload(self, record: dict) -> dict:
         import wandb
         payload = {k: v for k, v in record.items()
-                   if isinstance(v, (int, float)) and v is not None and k != "step"}
+                   if isinstance(v, (int, float)) and k != "step"}
         moe = record.get("moe")
         if moe:
             for key in LAYER_SCALARS:

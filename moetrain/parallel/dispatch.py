@@ -57,7 +57,7 @@ class AllToAllDispatcher:
         self.last_sent = {"rows": [], "assignments": []}
 
     def dispatch(self, x, token_ids, expert_ids, weights, num_experts):
-        N, D = x.shape
+        N = x.shape[0]
         P, device = self.ep_size, x.device
         local_experts = num_experts // P
         dest = expert_ids // local_experts  # (M,)

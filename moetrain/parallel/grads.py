@@ -25,14 +25,12 @@ def finalize_grads(model: Transformer, mesh: DeviceMesh) -> None:
     grads = [p.grad for p in _expert_params(model) if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if mesh["edp"].size() > 1:
+    if mesh["edp"].size() > 1:  # one collective for all expert gradients
+        flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=mesh["edp"].get_group())
-    flat.div_(world_size)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+    torch._foreach_div_(grads, world_size)
 
 
 def clip_grad_norm_(model: Transformer, max_norm: float, mesh: DeviceMesh | None) -> torch.Tensor:

@@ -65,6 +65,32 @@ def test_same_run_with_aux_free_balancing_is_not_flagged(tmp_path):
         assert bias[0] - bias[1:].mean() < 0.05
 
 
+def test_wandb_offline_logs_bounded_keys_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=32)
+    cfg = tiny_run(tmp_path, moe, steps=2)
+    cfg.logger = LoggerConfig(wandb=WandbConfig(mode="auto"), progress_bar=True)
+    Trainer(cfg).fit()
+    run_dir = tmp_path / "run"
+    run_id = (run_dir / "wandb_run_id").read_text()
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1  # auto without a key: offline, under the run dir
+    cfg.resume, cfg.train.steps = "auto", 4
+    Trainer(cfg).fit()
+    assert (run_dir / "wandb_run_id").read_text() == run_id
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_wandb_payload_keys_grow_with_layers_not_experts():
+    from moetrain.loggers import RunLogger
+    layers, experts = [1, 2, 3], 64
+    moe = {"layers": layers, "load_fraction": [[1 / experts] * experts for _ in layers],
+           **{key: [0.0] * len(layers) for key in ("max_violation_global", "load_entropy")}}
+    payload = RunLogger._wandb_payload(None, {"step": 1, "loss": 1.0, "moe": moe})
+    assert len(payload) == 1 + 2 * len(layers) + 1 + len(layers)  # loss, scalars, map, hists
+
+
 def test_collapse_detector_patience_reporting_and_recovery():
     detector = CollapseDetector(MonitorConfig(patience=2, entropy_floor=0.2), [3], 4)
     skewed = torch.tensor([[100.0, 100.0, 100.0, 1.0]])
