@@ -280,10 +280,11 @@ class Trainer:
                         summary["val_loss"] = val_loss
                 if record is not None and self.logger is not None:
                     self.logger.log(record)
-                    worst = max(record["moe"]["max_violation_global"]) if "moe" in record \
-                        else None
-                    self.logger.progress(self.step, out["loss"], record.get("tokens_per_s", 0.0),
-                                         worst)
+                    if "tokens_per_s" in record:
+                        worst = (max(record["moe"]["max_violation_global"])
+                                 if "moe" in record else None)
+                        self.logger.progress(self.step, out["loss"], record["tokens_per_s"],
+                                             worst)
                 summary.update(step=self.step, loss=out["loss"])
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or (last and cfg.checkpoint.at_end) \
