@@ -115,3 +115,19 @@ def test_bad_data_fails_clearly_before_training(tmp_path, make, message):
 def test_vocab_smaller_than_tokenizer_is_rejected():
     with pytest.raises(ValueError, match="model.vocab_size=100 is smaller"):
         build_data(DataConfig(synthetic_docs=10), 1, 0, 1, vocab_size=100)
+
+
+def test_local_tokenizers_json_is_used_for_packing(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(generate(300, seed=0), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["[UNK]", "</s>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = DataConfig(synthetic_docs=200, seq_len=16, tokenizer=str(tmp_path))
+    train, _ = build_data(cfg, 2, 0, 1, vocab_size=512)
+    batch = train.next_batch()
+    assert batch.shape == (2, 17) and batch.max() < tok.get_vocab_size()
+    assert batch.max() > 255  # real BPE merges, not bytes
+    with pytest.raises(ValueError, match="model.vocab_size=256 is smaller"):
+        build_data(cfg, 2, 0, 1, vocab_size=256)
