@@ -269,9 +269,10 @@ class Trainer:
                         record["mfu"] = (tokens_per_s * self._flops_per_token() / self.world
                                          / peak)
                     if out["loads"] is not None:
-                        record["moe"] = expert_load_record(self.moe_layers, self.moe_layer_ids,
-                                                           out["loads"])
-                        self._check_collapse(out["loads"])
+                        if self.logger is not None:  # rank 0 alone writes the record
+                            record["moe"] = expert_load_record(
+                                self.moe_layers, self.moe_layer_ids, out["loads"])
+                        self._check_collapse(out["loads"])  # every rank: a stop is collective
                 if cfg.train.val_every and (self.step % cfg.train.val_every == 0 or last):
                     val_loss = self.validate()
                     if val_loss is not None:
