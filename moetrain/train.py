@@ -8,17 +8,23 @@ exit code 2, on every rank, before any collective.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
+import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moetrain.config import RunConfig
 
 ConfigStore.instance().store(name="train_schema", node=RunConfig)
+# Absolute: Hydra resolves a relative path against the module when this file is not __main__
+# (the `moetrain-train` console script), where "../configs" is not a package. The configs live
+# in the repository, which `pip install -e` (scripts/setup.sh) keeps in place.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
     from moetrain.trainer import Trainer, TrainingStopped, dry_run
 
@@ -51,5 +57,16 @@ def _name_from_choices() -> str:
     return name
 
 
+def run() -> None:
+    """`main` for every job (one, or several in a -m sweep), then the process groups are
+    destroyed once, while the interpreter is whole: left to interpreter teardown, gloo's native
+    threads can abort the process after the run is done (pytorch/pytorch#179291)."""
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -2,12 +2,21 @@
 
 Every rank runs `fn(rank, world_size, *args, **kwargs)` after joining a process group that has a timeout,
 so a failing rank makes the others fail fast instead of hanging the test session.
+
+A rank that has returned its result leaves with `os._exit` after destroying its process groups:
+Python's interpreter teardown with gloo's native threads still around can abort the process
+(SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291 describes the
+mechanism), which once failed CI after every rank had done its work. What the tests check is
+the result; the real entry point's exit is covered by the torchrun tests.
 """
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import socket
+import sys
 import tempfile
 
 import torch
@@ -21,6 +30,7 @@ def free_port() -> int:
 
 
 def _entry(rank, world_size, port, out_dir, fn, args, kwargs):
+    faulthandler.enable()  # a native crash prints every thread's Python stack
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -31,8 +41,13 @@ def _entry(rank, world_size, port, out_dir, fn, args, kwargs):
     try:
         result = fn(rank, world_size, *args, **kwargs)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        del result
     finally:
+        gc.collect()  # trainers sit in reference cycles: free them while the groups exist
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, world_size: int, *args, **kwargs):

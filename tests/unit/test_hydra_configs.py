@@ -129,3 +129,13 @@ def test_cli_dry_run_prints_sizes():
     proc = run_cli("model=mixtral_8x7b", "dry_run=true")
     assert proc.returncode == 0, proc.stderr
     assert "parameters: 46,70" in proc.stdout and "top-2" in proc.stdout
+
+
+def test_console_script_runs_the_same_entry_point(tmp_path):
+    script = Path(sys.executable).parent / "moetrain-train"
+    if not script.exists():
+        pytest.skip("the package is not installed (scripts/setup.sh installs it)")
+    proc = subprocess.run([str(script), "model=mixtral_8x7b", "dry_run=true"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters: 46,70" in proc.stdout and "top-2" in proc.stdout
