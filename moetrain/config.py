@@ -248,6 +248,7 @@ class OptimConfig:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+ACTIVATION_CHECKPOINTING = ("none", "full")
 
 
 @dataclass
@@ -259,6 +260,8 @@ class LoopConfig:
     val_every: int = 100  # 0 disables validation
     val_batches: int = 4  # micro-batches per rank per validation
     compile: bool = False  # torch.compile each block
+    # none | full: recompute every block in backward (activation memory for compute)
+    activation_checkpointing: str = "none"
     on_nonfinite: str = "stop"  # stop | skip the step
     seed: int = 0
     peak_tflops: float | None = None  # for MFU on GPUs; None = guess from the device name
@@ -274,6 +277,9 @@ class LoopConfig:
         _check(self.val_batches >= 1, f"train.val_batches={self.val_batches} must be >= 1")
         _check(self.exit_at_step is None or self.exit_at_step >= 1,
                f"train.exit_at_step={self.exit_at_step} must be >= 1 or null")
+        _check(self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+               f"train.activation_checkpointing={self.activation_checkpointing!r} is not one of "
+               f"{', '.join(ACTIVATION_CHECKPOINTING)}")
         _check(self.on_nonfinite in NONFINITE_POLICIES,
                f"train.on_nonfinite={self.on_nonfinite!r} is not one of "
                f"{', '.join(NONFINITE_POLICIES)}")

@@ -90,6 +90,8 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = Transformer(cfg.model).to(self.device)
+        if cfg.train.activation_checkpointing == "full":
+            self.model.checkpoint_activations()
         self.mesh = None
         self.module = self.model
         if self.distributed:

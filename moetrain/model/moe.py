@@ -8,6 +8,7 @@ moetrain.parallel swaps in an all-to-all one. Shapes: see the legend in router.p
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -71,6 +72,17 @@ class MoE(nn.Module):
         self.register_buffer("step_tokens_per_expert", torch.zeros(cfg.num_experts),
                              persistent=False)
         self.last_stats: dict[str, torch.Tensor] = {}
+        # True while activation checkpointing re-runs this forward inside backward: the
+        # tokens of that micro-batch were already counted by the first forward.
+        self.recomputing = False
+
+    @contextlib.contextmanager
+    def recomputation(self):
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.recomputing = False
 
     def init_weights(self, std: float) -> None:
         self.router.init_weights(std)
@@ -101,23 +113,27 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x_flat)
 
         aux_loss, z_loss = self._balance_losses(route, tokens_per_expert, B, T)
-        with torch.no_grad():
-            if self.training:
-                self.step_tokens_per_expert += tokens_per_expert.to(
-                    self.step_tokens_per_expert.dtype)
-            # Kept on device; balance.moe_layer_stats moves all layers' stats in one transfer.
-            self.last_stats = {
-                "tokens_per_expert": tokens_per_expert.detach(),
-                "dropped_fraction": torch.tensor(
-                    1.0 - expert_ids.numel() / max(num_assignments, 1), device=x.device),
-                "aux_loss": aux_loss.detach(),
-                "z_loss": z_loss.detach(),
-                # mean over tokens of the entropy of the router's distribution, in nats
-                "router_entropy": -(route.probs * route.probs.clamp(min=1e-30).log()).sum(
-                    -1).mean(),
-            }
+        if not self.recomputing:
+            self._record_stats(route, tokens_per_expert, expert_ids.numel(), num_assignments,
+                               aux_loss, z_loss)
         total = self.balance_cfg.aux_loss_coef * aux_loss + self.balance_cfg.z_loss_coef * z_loss
         return out.view(B, T, D).to(x.dtype), total
+
+    @torch.no_grad()
+    def _record_stats(self, route, tokens_per_expert, kept, num_assignments, aux_loss, z_loss):
+        if self.training:
+            self.step_tokens_per_expert += tokens_per_expert.to(self.step_tokens_per_expert.dtype)
+        # Kept on device; balance.moe_layer_stats moves all layers' stats in one transfer.
+        self.last_stats = {
+            "tokens_per_expert": tokens_per_expert.detach(),
+            "dropped_fraction": torch.tensor(1.0 - kept / max(num_assignments, 1),
+                                             device=tokens_per_expert.device),
+            "aux_loss": aux_loss.detach(),
+            "z_loss": z_loss.detach(),
+            # mean over tokens of the entropy of the router's distribution, in nats
+            "router_entropy": -(route.probs * route.probs.clamp(min=1e-30).log()).sum(
+                -1).mean(),
+        }
 
     def _balance_losses(self, route, tokens_per_expert, B, T):
         bal = self.balance_cfg

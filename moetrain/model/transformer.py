@@ -7,9 +7,12 @@ Shapes: B batch, T sequence, D model dim, H heads, Hkv key/value heads, Dh head 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from moetrain.config import ModelConfig
 from moetrain.model.experts import SwiGLU
@@ -81,6 +84,9 @@ class Block(nn.Module):
         self.is_moe = layer_id in cfg.moe_layers
         self.ffn = (MoE(cfg.dim, cfg.moe, cfg.balance) if self.is_moe
                     else SwiGLU(cfg.dim, cfg.ffn_hidden))
+        # Activation checkpointing: keep only the block's input, recompute the rest in backward
+        # (Transformer.checkpoint_activations turns it on).
+        self.checkpoint_activations = False
 
     def init_weights(self, std: float) -> None:
         self.attn_norm.init_weights()
@@ -89,6 +95,20 @@ class Block(nn.Module):
         self.ffn.init_weights(std)
 
     def forward(self, x, cos, sin):
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # No early stop: the recomputation runs the whole block, so under expert
+            # parallelism every rank re-issues the same all-to-alls in backward.
+            with set_checkpoint_early_stop(False):
+                return checkpoint(self._forward, x, cos, sin, use_reentrant=False,
+                                  context_fn=self._checkpoint_contexts)
+        return self._forward(x, cos, sin)
+
+    def _checkpoint_contexts(self):
+        """(forward, recomputation): the recomputation must not count the tokens again."""
+        recompute = self.ffn.recomputation() if self.is_moe else contextlib.nullcontext()
+        return contextlib.nullcontext(), recompute
+
+    def _forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         if self.is_moe:
             ffn_out, aux_loss = self.ffn(self.ffn_norm(x))
@@ -129,6 +149,13 @@ class Transformer(nn.Module):
             nn.init.normal_(self.output.weight, std=cfg.init_std)
         for moe in self.moe_layers():
             moe.step_tokens_per_expert.zero_()
+
+    def checkpoint_activations(self, enabled: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations: activation
+        memory falls from every op's outputs per layer to one (B, T, D) input per layer, for
+        about one more forward of compute."""
+        for layer in self.layers:
+            layer.checkpoint_activations = enabled
 
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]

@@ -19,9 +19,17 @@ FAMILIES = [("mixtral", None), ("mixtral", 1.0), ("deepseek", None), ("deepseek"
 LAYOUTS = {1: [1], 2: [1, 2], 4: [4, 2]}  # world size -> ep sizes (edp = world / ep)
 
 
+# Activation checkpointing re-runs the all-to-alls (and the global-statistics all-reduce)
+# inside backward: (world size, family, capacity factor, ep) cases run with it on.
+RECOMPUTE = {2: [("mixtral", 1.0, 2), ("deepseek", None, 2)],
+             4: [("deepseek", 1.0, 2), ("mixtral_global", None, 4)]}
+
+
 def cases_for(world_size):
-    return [(name, cf, ep, dedup) for ep in LAYOUTS[world_size] for name, cf in FAMILIES
-            for dedup in ((True, False) if ep > 1 else (True,))]
+    """(family, capacity factor, ep, dedup, activation checkpointing)"""
+    return ([(name, cf, ep, dedup, False) for ep in LAYOUTS[world_size] for name, cf in FAMILIES
+             for dedup in ((True, False) if ep > 1 else (True,))]
+            + [(name, cf, ep, True, True) for name, cf, ep in RECOMPUTE.get(world_size, [])])
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,14 +44,14 @@ def parallel_results(world_size):
 
 def case_ids(world_size):
     return [f"{n}-cf{cf}-ep{ep}-edp{world_size // ep}-{'dedup' if d else 'nodedup'}"
-            for n, cf, ep, d in cases_for(world_size)]
+            + ("-recompute" if r else "") for n, cf, ep, d, r in cases_for(world_size)]
 
 
 @pytest.mark.parametrize("world_size,case_index",
                          [(w, i) for w in LAYOUTS for i in range(len(cases_for(w)))],
                          ids=[f"w{w}-{c}" for w in LAYOUTS for c in case_ids(w)])
 def test_parallel_layout_matches_single_process(world_size, case_index):
-    name, capacity_factor, ep, dedup = cases_for(world_size)[case_index]
+    name, capacity_factor, ep, dedup, recompute = cases_for(world_size)[case_index]
     # Global-batch statistics see all ranks' tokens at once: one big micro-batch in one process.
     micro_batches = 1 if name == "mixtral_global" else world_size
     ref = reference(name, capacity_factor, micro_batches)
@@ -71,6 +79,7 @@ def test_parallel_layout_matches_single_process(world_size, case_index):
             assert torch.equal(bias, bias0), "expert bias differs between ranks"
             torch.testing.assert_close(bias, ref_bias, rtol=0, atol=1e-7)
     # the cases must exercise what they claim
+    assert all(r["moe_forwards"] == (2 if recompute else 1) for r in ranks)
     if capacity_factor is not None and name != "expert_choice":
         assert ref["max_dropped"] > 0, "capacity case dropped nothing"
     if name == "deepseek":

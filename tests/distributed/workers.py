@@ -105,9 +105,13 @@ _MESHES = {}
 
 
 def parallel_run(rank: int, world_size: int, cfg: ModelConfig, pcfg: ParallelConfig,
-                 steps: int = STEPS) -> dict:
+                 steps: int = STEPS, recompute: bool = False) -> dict:
     torch.manual_seed(0)
     model = Transformer(copy.deepcopy(cfg))
+    model.checkpoint_activations(recompute)
+    moe_forwards = [0]  # twice per step and layer when the backward recomputes
+    for moe in model.moe_layers():
+        moe.register_forward_hook(lambda *_: moe_forwards.__setitem__(0, moe_forwards[0] + 1))
     if pcfg.ep not in _MESHES:
         _MESHES[pcfg.ep] = build_mesh(pcfg, cfg.moe.num_experts)
     mesh = _MESHES[pcfg.ep]
@@ -133,6 +137,7 @@ def parallel_run(rank: int, world_size: int, cfg: ModelConfig, pcfg: ParallelCon
         counts.append(reduce(layer_counts(model)))
     return {"losses": losses, "counts": torch.stack(counts), "grad_norms": norms,
             "first_grads": first_grads, "state": gather_logical(model.state_dict(), mesh),
+            "moe_forwards": moe_forwards[0] / (steps * len(model.moe_layers())),
             "expert_bias": [m.router.expert_bias.clone() for m in model.moe_layers()
                             if hasattr(m.router, "expert_bias")]}
 
@@ -152,10 +157,11 @@ def gather_logical(tensors: dict, mesh) -> dict:
 
 
 def run_cases(rank: int, world_size: int, cases: list[tuple], steps: int = STEPS) -> list[dict]:
-    """cases: (family name, capacity factor, ep, dedup) -> one result per case."""
+    """cases: (family name, capacity factor, ep, dedup, activation checkpointing) -> one
+    result per case."""
     results = []
-    for name, capacity_factor, ep, dedup in cases:
+    for name, capacity_factor, ep, dedup, recompute in cases:
         cfg = family(name, capacity_factor)
         results.append(parallel_run(rank, world_size, cfg, ParallelConfig(ep=ep, dedup=dedup),
-                                    steps))
+                                    steps, recompute))
     return results

@@ -156,3 +156,24 @@ def test_no_weight_decay_on_norms_and_embeddings_and_schedule_shape():
         sched.step()
     assert math.isclose(lrs[0], 0.1) and math.isclose(lrs[9], 1.0)
     assert math.isclose(lrs[60], 0.1 + 0.9 * 0.5, rel_tol=1e-6) and lrs[-1] > 0.1
+
+
+def test_activation_checkpointing_trains_the_same_model(tmp_path):
+    """train.activation_checkpointing=full with aux-free balancing and gradient accumulation:
+    the same losses, expert loads (the bias update reads them) and weights."""
+    runs = []
+    for mode in ("none", "full"):
+        moe = MoEConfig(router="sigmoid", num_experts=8, top_k=2, expert_hidden=32)
+        cfg = tiny_run(tmp_path / mode, moe, BalanceConfig(aux_free=True, bias_update_rate=0.01),
+                       steps=4, grad_accum=2, activation_checkpointing=mode)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        records = [json.loads(line) for line in open(tmp_path / mode / "run" / "metrics.jsonl")]
+        runs.append((records, trainer.model.state_dict()))
+    (plain, plain_state), (ckpt, ckpt_state) = runs
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+    assert [r["moe"]["tokens_per_expert"] for r in ckpt] == [r["moe"]["tokens_per_expert"]
+                                                            for r in plain]
+    for key, value in plain_state.items():
+        torch.testing.assert_close(ckpt_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(v.abs().sum() > 0 for k, v in ckpt_state.items() if k.endswith("expert_bias"))
