@@ -64,11 +64,16 @@ def test_world2_torchrun_deepseek_expert_parallel(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [str(REPO / "launch/torchrun.sh"), *QUICK, "model=deepseek_tiny", "balance=aux_free",
-         "model.moe.top_k=4", "parallel.ep=2", f"run_dir={run_dir}"],
+         "model.moe.top_k=4", "parallel.ep=2", "train.activation_checkpointing=full",
+         f"run_dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, env={**env(), "NPROC": "2"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "16 per rank" in proc.stdout and "ep 2 x edp 1" in proc.stdout
     check_run(run_dir, [1, 2, 3], bias=True)
+    # the recomputation in backward does not count tokens again: 2 ranks x 4 x 32 tokens x k=4
+    for record in read_metrics(run_dir):
+        if "moe" in record:
+            assert [sum(layer) for layer in record["moe"]["tokens_per_expert"]] == [1024] * 3
 
 
 def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
