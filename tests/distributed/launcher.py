@@ -3,11 +3,12 @@
 Every rank runs `fn(rank, world_size, *args, **kwargs)` after joining a process group that has a timeout,
 so a failing rank makes the others fail fast instead of hanging the test session.
 
-A rank that has returned its result leaves with `os._exit` after destroying its process groups:
+A rank that has saved its result leaves with `os._exit` after destroying its process groups:
 Python's interpreter teardown with gloo's native threads still around can abort the process
-(SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291 describes the
-mechanism), which once failed CI after every rank had done its work. What the tests check is
-the result; the real entry point's exit is covered by the torchrun tests.
+(SIGABRT, "terminate called without an active exception", pytorch/pytorch#179291), the likely
+cause of a rank-0 abort that once failed CI and did not reproduce here. faulthandler prints
+every thread's stack if a rank crashes anywhere else. What the tests check is the result; the
+real entry point's exit is covered by the torchrun tests.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def free_port() -> int:
 
 
 def _entry(rank, world_size, port, out_dir, fn, args, kwargs):
-    faulthandler.enable()  # a native crash prints every thread's Python stack
+    faulthandler.enable()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
