@@ -2,10 +2,10 @@
 
 A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding:
   - a torch.distributed.checkpoint (DCP) of the model and optimizer tensors under logical names
-    (`model.layers.1.ffn.experts.w_gate`, `optim.<param>.exp_avg`, ...). Expert shards are
-    wrapped as DTensors sharded on dim 0 over the "ep" mesh dimension and replicated over
-    "edp", so DCP stores each expert tensor once, in its full (E, ...) shape, and reshards it
-    on load: a checkpoint written at ep=2 resumes at ep=1 or ep=4.
+    (`model.layers.1.ffn.experts.w_gate`, `optim.<param>.exp_avg`, ...). Sharded parameters
+    are DTensors (experts on dim 0 over "ep", FSDP shards over the data-parallel ranks), so DCP
+    stores each tensor once, in its full logical shape, and reshards it on load: a checkpoint
+    written by any layout (ddp or fsdp, any ep) resumes under any other.
   - `extra_rank{r}.pt`: step, scheduler, learning rates, data position, RNG states and the
     collapse detector (plain values; read back with weights_only=True).
   - `config.yaml`: the resolved config of the run that wrote it.
@@ -23,9 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor, Replicate, Shard
-
-from moetrain.parallel.parallelize import expert_parameter_names
 
 PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
@@ -72,23 +69,15 @@ class Checkpointer:
     def __init__(self, trainer):
         self.trainer = trainer
         self.root = checkpoint_dir(trainer.run_dir)
-        self.expert_names = set(expert_parameter_names(trainer.model))
 
     # ---------------------------------------------------------------- tensors
-    def _wrap(self, name: str, tensor: torch.Tensor):
-        """Expert shards as DTensors on the (edp, ep) mesh: logical shape, stored once."""
-        mesh = self.trainer.mesh
-        if name in self.expert_names and mesh is not None and mesh["ep"].size() > 1:
-            return DTensor.from_local(tensor, mesh, [Replicate(), Shard(0)], run_check=False)
-        return tensor
-
     def _tensor_state(self) -> dict:
-        """Every tensor to save or load into, keyed by logical name. Loading writes into these
-        in place: they share storage with the parameters and the optimizer state."""
+        """Every tensor to save or load into, keyed by logical name. Sharded parameters (expert
+        blocks, FSDP shards) and their optimizer slots are DTensors of their logical shape, so
+        DCP stores each tensor once and reshards it on load; nothing is gathered on a rank.
+        Loading writes into these in place: they are the parameters and the optimizer state."""
         model, optimizer = self.trainer.model, self.trainer.optimizer
-        state = {}
-        for name, tensor in model.state_dict().items():
-            state[f"model.{name}"] = self._wrap(name, tensor)
+        state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
@@ -98,8 +87,8 @@ class Checkpointer:
                              exp_avg=torch.zeros_like(param),
                              exp_avg_sq=torch.zeros_like(param))
             state[f"optim.{name}.step"] = slots["step"]
-            state[f"optim.{name}.exp_avg"] = self._wrap(name, slots["exp_avg"])
-            state[f"optim.{name}.exp_avg_sq"] = self._wrap(name, slots["exp_avg_sq"])
+            state[f"optim.{name}.exp_avg"] = slots["exp_avg"]
+            state[f"optim.{name}.exp_avg_sq"] = slots["exp_avg_sq"]
         return state
 
     def _extra_state(self) -> dict:

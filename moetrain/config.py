@@ -169,25 +169,59 @@ class ModelConfig:
         return list(range(self.first_k_dense, self.n_layers))
 
 
+DATA_PARALLEL = ("fsdp", "ddp")
+
+
 @dataclass
 class ParallelConfig:
-    """world_size = ep * edp: experts sharded over ep ranks, each shard replicated edp times."""
+    """world = dp_replicate * dp_shard; experts sharded over ep ranks inside each dp_shard group.
+
+    Dense parameters are data-parallel over all ranks; expert parameters over the
+    edp = world / ep replicas of each expert shard. With FSDP both are also *sharded* over those
+    ranks (HSDP when dp_replicate > 1: sharded within a group, replicated across groups)."""
 
     ep: int = 1
+    data_parallel: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp; applies when world > 1
+    dp_replicate: int = 1  # HSDP: replicate across this many groups, shard within each (fsdp)
     dedup: bool = True  # send a token once per destination rank, not once per expert
     timeout_s: float = 120.0  # every process group: a failed rank never hangs the others long
 
     def validate(self, world_size: int, num_experts: int | None) -> None:
+        _check(self.data_parallel in DATA_PARALLEL,
+               f"parallel.data_parallel={self.data_parallel!r} is not one of "
+               f"{', '.join(DATA_PARALLEL)}")
         _check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
-        _check(world_size % self.ep == 0,
-               f"parallel.ep={self.ep} does not divide the world size {world_size}; valid: "
-               f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}")
+        _check(self.dp_replicate >= 1, f"parallel.dp_replicate={self.dp_replicate} must be >= 1")
+        _check(world_size % self.dp_replicate == 0,
+               f"parallel.dp_replicate={self.dp_replicate} does not divide the world size "
+               f"{world_size}; valid: {_divisors(world_size)}")
+        _check(self.dp_replicate == 1 or self.data_parallel == "fsdp",
+               f"parallel.dp_replicate={self.dp_replicate} (HSDP) needs "
+               f"parallel.data_parallel=fsdp, not {self.data_parallel!r}")
+        dp_shard = world_size // self.dp_replicate
+        _check(self.dp_replicate == 1 or dp_shard > 1,
+               f"parallel.dp_replicate={self.dp_replicate} leaves one rank per shard group "
+               f"(world size {world_size}): that is plain replication, use "
+               "parallel.data_parallel=ddp")
+        if self.dp_replicate == 1:
+            _check(world_size % self.ep == 0,
+                   f"parallel.ep={self.ep} does not divide the world size {world_size}; "
+                   f"valid: {_divisors(world_size)}")
+        else:
+            _check(dp_shard % self.ep == 0,
+                   f"parallel.ep={self.ep} does not divide the {dp_shard} ranks of a shard "
+                   f"group (world {world_size} / parallel.dp_replicate={self.dp_replicate}); "
+                   f"valid: {_divisors(dp_shard)}")
         if num_experts is not None:
             _check(num_experts % self.ep == 0,
                    f"moe.num_experts={num_experts} is not divisible by parallel.ep={self.ep}")
         elif self.ep > 1:
             raise ValueError(f"parallel.ep={self.ep} needs an MoE model (model.moe is null)")
         _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 DATA_SOURCES = ("synthetic", "text", "json", "parquet", "hub")

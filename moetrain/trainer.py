@@ -27,8 +27,9 @@ from moetrain.model import Transformer, num_params
 from moetrain.model.balance import pop_step_loads, update_expert_bias
 from moetrain.monitor import CollapseDetector, expert_load_record
 from moetrain.optim import build_optimizer
-from moetrain.parallel import (all_reduce_sum, build_mesh, clip_grad_norm_, finalize_grads,
-                               init_distributed, parallelize)
+from moetrain.parallel.memory import format_bytes, state_bytes_per_rank
+from moetrain.parallel import (accumulating, all_reduce_sum, build_mesh, clip_grad_norm_,
+                               finalize_grads, init_distributed, parallelize)
 
 
 class TrainingStopped(RuntimeError):
@@ -52,9 +53,16 @@ def describe(cfg: RunConfig, model: Transformer, world: int) -> str:
                      f"layers, top-{moe.top_k}, {moe.num_experts // ep} per rank")
     else:
         lines.append("experts: none (dense model)")
-    ep = cfg.parallel.ep
-    lines.append(f"mesh: world {world} = ep {ep} x edp {world // ep}; dense params "
-                 f"data-parallel over {world} ranks")
+    par = cfg.parallel
+    ep = par.ep
+    kind = "none (one process)" if world == 1 else par.data_parallel
+    if world > 1 and par.data_parallel == "fsdp" and par.dp_replicate > 1:
+        kind = f"hsdp ({par.dp_replicate} replicas x {world // par.dp_replicate} shards)"
+    lines.append(f"mesh: world {world} = ep {ep} x edp {world // ep}; data parallel: {kind}")
+    state = state_bytes_per_rank(model, par, world)
+    lines.append("per rank (fp32): " + ", ".join(f"{name} {format_bytes(size)}"
+                                                  for name, size in state.items())
+                 + f"; total {format_bytes(sum(state.values()))} before activations")
     return "\n".join(lines)
 
 
@@ -88,19 +96,20 @@ class Trainer:
                        if torch.cuda.is_available() else torch.device("cpu"))
         self.run_dir = self._choose_run_dir()
 
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = Transformer(cfg.model).to(self.device)
-        if cfg.train.activation_checkpointing == "full":
-            self.model.checkpoint_activations()
+        torch.manual_seed(cfg.train.seed)  # the same router-jitter stream on every rank
         self.mesh = None
-        self.module = self.model
         if self.distributed:
             num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
             self.mesh = build_mesh(cfg.parallel, num_experts)
-            self.module = parallelize(self.model, self.mesh, cfg.parallel)
-        if cfg.train.compile:
-            for block in self.model.layers:
-                block.compile()
+        # Built on the meta device; parallelize materialises only this rank's shards, with the
+        # weights one process would have for this seed.
+        with torch.device("meta"):
+            self.model = Transformer(cfg.model)
+        self.fsdp = self.world > 1 and cfg.parallel.data_parallel == "fsdp"
+        self.module = parallelize(
+            self.model, self.mesh, cfg.parallel, device=self.device, seed=cfg.train.seed,
+            activation_checkpointing=cfg.train.activation_checkpointing == "full",
+            compile=cfg.train.compile, mixed_precision=self.fsdp and self.device.type == "cuda")
         self.moe_layers = self.model.moe_layers()
         self.moe_layer_ids = [i for i, layer in enumerate(self.model.layers) if layer.is_moe]
         self.reduce = all_reduce_sum(dist.group.WORLD) if self.distributed else None
@@ -140,7 +149,8 @@ class Trainer:
         return Path(self._broadcast(path))
 
     def _autocast(self):
-        if self.device.type == "cuda":
+        """bf16 on CUDA: FSDP's mixed-precision policy, or else autocast."""
+        if self.device.type == "cuda" and not self.fsdp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -172,10 +182,8 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             tokens = self.data.next_batch().to(self.device)
-            sync = contextlib.nullcontext()
-            if micro < accum - 1 and hasattr(self.module, "no_sync"):
-                sync = self.module.no_sync()  # DDP: all-reduce once, after the last one
-            with sync:
+            # Gradients are reduced once, in the last micro-batch's backward.
+            with accumulating(self.module) if micro < accum - 1 else contextlib.nullcontext():
                 ce, aux = self.loss_on(tokens)
                 ((ce + aux) / accum).backward()
             ce_sum += ce.detach() / accum
@@ -186,7 +194,7 @@ class Trainer:
         if self.reduce is not None:
             losses = self.reduce(losses) / self.world
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_(self.model, max_norm, self.mesh)
+        grad_norm = clip_grad_norm_(self.model, max_norm)
         ce_value, aux_value = losses.tolist()  # one sync per step; every rank sees the same
         loads = pop_step_loads(self.moe_layers, self.reduce) if self.moe_layers else None
         finite = math.isfinite(ce_value + aux_value) and math.isfinite(grad_norm.item())

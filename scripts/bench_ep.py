@@ -23,12 +23,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from moetrain.config import BalanceConfig, MoEConfig, ParallelConfig
 from moetrain.model.moe import MoE
 from moetrain.parallel import init_distributed
-from moetrain.parallel.dispatch import AllToAllDispatcher
-from moetrain.parallel.parallelize import shard_experts
+from moetrain.parallel.parallelize import apply_expert_parallel
 
 CONFIGS = {
     "E8k2": MoEConfig(num_experts=8, top_k=2, expert_hidden=1024),
@@ -90,6 +90,7 @@ def main():
         else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     group = dist.group.WORLD
+    ep_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
     for name in args.configs:
         cfg = CONFIGS[name]
         ParallelConfig(ep=world).validate(world, cfg.num_experts)
@@ -108,8 +109,7 @@ def main():
         for dedup in (False, True):
             moe = MoE(args.dim, cfg, BalanceConfig()).to(device).to(dtype)
             moe.load_state_dict(full.state_dict())
-            shard_experts([moe], rank, world)
-            moe.dispatcher = AllToAllDispatcher(group, dedup=dedup)
+            apply_expert_parallel([moe], ep_mesh, dedup)
             t_step, t_comm = timed_steps(moe, x, args.repeats, group=group)
             sent = moe.dispatcher.last_sent
             row_bytes = args.dim * x.element_size()

@@ -21,7 +21,7 @@ def switch_aux_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> tor
     probs (N, E): router probabilities (differentiable); tokens_per_expert (E,): top-k assignment
     counts before any capacity drop, f_i = count_i / sum(count). Equals 1 at uniform routing."""
     num_experts = probs.shape[-1]
-    f = tokens_per_expert.float() / tokens_per_expert.sum().clamp(min=1)
+    f = tokens_per_expert.to(probs.dtype) / tokens_per_expert.sum().clamp(min=1)
     P = probs.mean(dim=0)
     return num_experts * torch.sum(f * P)
 

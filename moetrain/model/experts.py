@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class _SwiGLUExpertsCPU(torch.autograd.Function):
@@ -86,7 +87,6 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
-        self.num_experts = num_experts
         self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w_up = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -97,24 +97,36 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                 gates: torch.Tensor) -> torch.Tensor:
-        """x (M, D) sorted by expert, tokens_per_expert (E,) int64, gates (M,) -> (M, D),
-        each row scaled by its gate."""
+        """x (M, D) sorted by expert, tokens_per_expert (E_local,) int64, gates (M,) -> (M, D),
+        each row scaled by its gate. E_local: the experts held here (all of them in one
+        process)."""
+        weights = [_local(w) for w in (self.w_gate, self.w_up, self.w_down)]
         if _use_cuda_grouped_mm(x):
-            return self._forward_cuda(x, tokens_per_expert, gates)
+            return _grouped_mm_experts(x, tokens_per_expert, gates, *weights)
         counts = tokens_per_expert.tolist()  # NOTE: device-to-host sync; free on CPU
         gates = gates.to(x.dtype)
-        return _SwiGLUExpertsCPU.apply(x.contiguous(), gates, self.w_gate, self.w_up,
-                                       self.w_down, counts)
+        return _SwiGLUExpertsCPU.apply(x.contiguous(), gates, *weights, counts)
 
-    def _forward_cuda(self, x, tokens_per_expert, gates):
-        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        xb = x.bfloat16()
 
-        def mm(inp, w):
-            return torch._grouped_mm(inp, w.bfloat16().transpose(-2, -1), offs=offsets)
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """Expert parallelism hands the experts DTensors sharded on dim 0 (the expert dimension);
+    the grouped matmul runs on this rank's block, which the dispatcher's counts describe."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
-        h = F.silu(mm(xb, self.w_gate)) * mm(xb, self.w_up)
-        return (mm(h, self.w_down) * gates.unsqueeze(-1).to(torch.bfloat16)).type_as(x)
+
+def _grouped_mm_experts(x, tokens_per_expert, gates, w_gate, w_up, w_down):
+    """CUDA, bf16. Offsets are the int32 cumulative counts, so the last group ends at row M
+    exactly: no row is left outside a group (rows past the last offset are not written by
+    `_grouped_mm` and would carry garbage into the combine and NaN into the gradients). The
+    matmul needs 16-byte aligned strides: model.dim and moe.expert_hidden multiples of 8."""
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    xb = x.bfloat16()
+
+    def mm(inp, w):
+        return torch._grouped_mm(inp, w.bfloat16().transpose(-2, -1), offs=offsets)
+
+    h = F.silu(mm(xb, w_gate)) * mm(xb, w_up)
+    return (mm(h, w_down) * gates.unsqueeze(-1).to(torch.bfloat16)).type_as(x)
 
 
 class SwiGLU(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,24 +21,40 @@ from moetrain.model.experts import GroupedExperts, SwiGLU
 from moetrain.model.router import Router
 
 
+@dataclass
+class Dispatched:
+    """What `dispatch` hands to the experts and, afterwards, to `combine`.
+
+    expert_input (M', D) and gates (M',): the rows this rank's experts process, sorted by local
+    expert, tokens_per_expert (E_local,) their counts; token_ids: for each row `combine` gets
+    back (after any return exchange), the local token it is added to; num_tokens: N."""
+
+    expert_input: torch.Tensor
+    gates: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    token_ids: torch.Tensor
+    num_tokens: int
+
+
 class LocalDispatcher:
     """One process: sort assignments by expert, and scatter-add expert outputs back to tokens."""
 
-    def dispatch(self, x, token_ids, expert_ids, weights, num_experts):
-        """x (N, D) and M assignments -> expert_input (M, D) sorted by expert, its gate weights
-        (M,), tokens_per_expert (E,), and the state `combine` needs."""
+    def __init__(self, num_experts: int):
+        self.num_local_experts = num_experts  # one process holds every expert
+
+    def dispatch(self, x, token_ids, expert_ids, weights) -> Dispatched:
+        """x (N, D) and M assignments -> the M rows sorted by expert."""
         order = torch.argsort(expert_ids, stable=True)
-        tokens_per_expert = torch.bincount(expert_ids, minlength=num_experts)
+        tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_local_experts)
         sorted_token_ids = token_ids[order]
         # index_select, not x[idx]: its backward is an index_add, far cheaper than index_put.
-        return (x.index_select(0, sorted_token_ids), weights[order], tokens_per_expert,
-                sorted_token_ids)
+        return Dispatched(x.index_select(0, sorted_token_ids), weights[order], tokens_per_expert,
+                          sorted_token_ids, x.shape[0])
 
-    def combine(self, expert_output, state, num_tokens):
+    def combine(self, expert_output, dispatched: Dispatched):
         """expert_output (M, D), gate-weighted, in dispatch order -> routed output (N, D)."""
-        sorted_token_ids = state
-        out = expert_output.new_zeros(num_tokens, expert_output.shape[-1])
-        return out.index_add(0, sorted_token_ids, expert_output)
+        out = expert_output.new_zeros(dispatched.num_tokens, expert_output.shape[-1])
+        return out.index_add(0, dispatched.token_ids, expert_output)
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, priority: torch.Tensor, capacity: int,
@@ -64,7 +81,9 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden)
         self.shared_experts = (SwiGLU(dim, cfg.shared_hidden_size)
                                if cfg.n_shared_experts > 0 else None)
-        self.dispatcher = LocalDispatcher()
+        # Holds the layer's one notion of which experts are here: the single-process dispatcher
+        # has all of them; expert parallelism installs one that knows this rank's block.
+        self.dispatcher = LocalDispatcher(cfg.num_experts)
         # Hook for global-batch statistics: a sum over ranks, installed by moetrain.parallel.
         self.stats_reduce = None
         # Loads summed over the micro-batches of one optimizer step (balance.pop_step_loads):
@@ -105,10 +124,10 @@ class MoE(nn.Module):
             keep = capacity_keep_mask(expert_ids, weights.detach(), capacity, E)
             token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights[keep]
 
-        expert_input, expert_gates, tokens_per_local_expert, state = self.dispatcher.dispatch(
-            x_flat, token_ids, expert_ids, weights, E)
-        expert_output = self.experts(expert_input, tokens_per_local_expert, expert_gates)
-        out = self.dispatcher.combine(expert_output, state, B * T)  # (N, D)
+        dispatched = self.dispatcher.dispatch(x_flat, token_ids, expert_ids, weights)
+        expert_output = self.experts(dispatched.expert_input, dispatched.tokens_per_expert,
+                                     dispatched.gates)
+        out = self.dispatcher.combine(expert_output, dispatched)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
 

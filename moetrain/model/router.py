@@ -112,8 +112,10 @@ class Router(nn.Module):
         if self.training and cfg.router_jitter > 0:
             noise = torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
             x = x * noise
-        # fp32 logits: top-k selection and softmax are sensitive to bf16 rounding.
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        # At least fp32 logits: top-k selection and softmax are sensitive to bf16 rounding.
+        # An fp64 model routes in fp64, so two layouts of it can agree to fp64 precision.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
         N = x.shape[0]
         if cfg.router == "expert_choice":
             capacity = expert_choice_capacity(N, cfg)

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from moetrain.config import ModelConfig
 from moetrain.model.experts import SwiGLU
+from moetrain.model.init import seeded_normal_
 from moetrain.model.moe import MoE
 
 
@@ -29,8 +30,9 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # at least fp32: bf16 squares lose too much; fp64 models stay fp64
+        x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -131,24 +133,32 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if self.output.weight.device.type != "meta":  # on meta: init after materialising
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and buffer; call after `to_empty` from meta."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every parameter and buffer in place; call after `to_empty` from meta.
+
+        Each parameter is drawn from generators seeded by (seed, its name, row), so the weights
+        are the same whatever sharding the parameters have (moetrain.model.init). seed=None
+        draws one from torch's global RNG: `torch.manual_seed(s)` then `Transformer(cfg)` is
+        reproducible."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
         cfg = self.cfg
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta,
-                               device=self.rope_cos.device)
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
-        for layer in self.layers:
-            layer.init_weights(cfg.init_std)
-        self.norm.init_weights()
-        if not cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=cfg.init_std)
+        for name, param in self.named_parameters():
+            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
+                param.fill_(1.0)
+            else:
+                seeded_normal_(param, cfg.init_std, seed, name)
         for moe in self.moe_layers():
             moe.step_tokens_per_expert.zero_()
+            if hasattr(moe.router, "expert_bias"):
+                moe.router.expert_bias.zero_()
 
     def checkpoint_activations(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of keeping its activations: activation
@@ -167,7 +177,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len="
                              f"{self.cfg.max_seq_len}")
         x = self.tok_embeddings(tokens)
-        aux_total = x.new_zeros((), dtype=torch.float32)
+        aux_total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
         for layer in self.layers:
             x, aux_loss = layer(x, self.rope_cos, self.rope_sin)
             if aux_loss is not None:

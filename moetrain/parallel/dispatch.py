@@ -20,8 +20,12 @@ received, D model dim, P = ep size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+from moetrain.model.moe import Dispatched
 
 
 class _AllToAll(torch.autograd.Function):
@@ -46,20 +50,34 @@ def all_to_all(x, output_splits, input_splits, group):
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
-class AllToAllDispatcher:
-    """Drop-in replacement for the MoE layer's LocalDispatcher, installed by `parallelize`."""
+@dataclass
+class AllToAllDispatched(Dispatched):
+    """`Dispatched` plus what the return exchange needs: token_ids are the local tokens of the
+    U units this rank sent (in send order); recv_rows (A,) the received unit behind each
+    expert-input row; the split sizes of both directions."""
 
-    def __init__(self, group, dedup: bool):
+    recv_rows: torch.Tensor
+    num_recv_units: int
+    units_sent: list[int]
+    units_received: list[int]
+
+
+class AllToAllDispatcher:
+    """Drop-in replacement for the MoE layer's LocalDispatcher, installed by `parallelize`.
+    This rank holds global experts [ep_rank * num_local_experts, (ep_rank + 1) * ...)."""
+
+    def __init__(self, group, num_local_experts: int, dedup: bool):
         self.group = group
         self.ep_size = dist.get_world_size(group)
+        self.num_local_experts = num_local_experts
         self.dedup = dedup
         # Rows and assignments the last dispatch sent, by destination rank (for benchmarks).
         self.last_sent = {"rows": [], "assignments": []}
 
-    def dispatch(self, x, token_ids, expert_ids, weights, num_experts):
+    def dispatch(self, x, token_ids, expert_ids, weights) -> AllToAllDispatched:
         N = x.shape[0]
         P, device = self.ep_size, x.device
-        local_experts = num_experts // P
+        local_experts = self.num_local_experts
         dest = expert_ids // local_experts  # (M,)
         M = expert_ids.numel()
         if self.dedup:  # one unit per (destination, token); torch.unique sorts by destination
@@ -104,14 +122,18 @@ class AllToAllDispatcher:
         row = row[perm]
         tokens_per_local_expert = torch.bincount(local_expert, minlength=local_experts)
         self.last_sent = {"rows": unit_send, "assignments": assign_send}
-        state = (row, recv_units.shape[0], unit_send, unit_recv, unit_token)
-        return (recv_units.index_select(0, row), recv_weights[perm], tokens_per_local_expert,
-                state)
+        return AllToAllDispatched(
+            expert_input=recv_units.index_select(0, row), gates=recv_weights[perm],
+            tokens_per_expert=tokens_per_local_expert, token_ids=unit_token, num_tokens=N,
+            recv_rows=row, num_recv_units=recv_units.shape[0], units_sent=unit_send,
+            units_received=unit_recv)
 
-    def combine(self, expert_output, state, num_tokens):
-        row, num_recv_units, unit_send, unit_recv, unit_token = state
+    def combine(self, expert_output, dispatched: AllToAllDispatched):
         D = expert_output.shape[-1]
         # Sum each unit's gate-weighted expert outputs here, before the wire (dedup's saving).
-        unit_out = expert_output.new_zeros(num_recv_units, D).index_add(0, row, expert_output)
-        returned = all_to_all(unit_out, unit_send, unit_recv, self.group)  # (U, D)
-        return returned.new_zeros(num_tokens, D).index_add(0, unit_token, returned)
+        unit_out = expert_output.new_zeros(dispatched.num_recv_units, D).index_add(
+            0, dispatched.recv_rows, expert_output)
+        returned = all_to_all(unit_out, dispatched.units_sent, dispatched.units_received,
+                              self.group)  # (U, D)
+        return returned.new_zeros(dispatched.num_tokens, D).index_add(
+            0, dispatched.token_ids, returned)

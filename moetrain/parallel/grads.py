@@ -1,28 +1,53 @@
-"""Gradient finalisation and clipping for sharded experts (dense gradients are DDP's job)."""
+"""Gradient accumulation, expert-gradient finalisation and clipping over sharded parameters."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
-from moetrain.model.transformer import Transformer
-from moetrain.parallel.parallelize import expert_parameter_names
+
+@contextlib.contextmanager
+def accumulating(module: nn.Module):
+    """A micro-batch that is not the step's last: no gradient reduction, and under FSDP the
+    parameters stay unsharded until the last micro-batch's backward (no all-gather and
+    reshard per micro-batch; the unsharded gradients accumulate locally)."""
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        module.set_reshard_after_backward(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+            module.set_reshard_after_backward(True)
+    elif hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+    else:
+        yield
 
 
-def finalize_grads(model: Transformer, mesh: DeviceMesh) -> None:
-    """Average expert gradients so they equal one process's gradient of the global batch.
+def finalize_grads(model: nn.Module, mesh: DeviceMesh | None) -> None:
+    """Average the expert gradients that no data-parallel wrapper reduces (DTensors over "ep"
+    alone: left out of DDP, or of FSDP when each shard group holds one replica) so they equal
+    one process's gradient of the global batch. Experts sharded by FSDP arrive that way from its
+    reduce-scatter (parallelize sets their divide factor) and are not touched here.
 
-    Each rank's loss is the mean over its own tokens and DDP averages dense gradients over all
-    W ranks: the global loss is (1/W) sum_r L_r. An expert shard's gradient after backward
-    already sums dL_r/dθ over the ranks of its ep group (the all-to-all backward brings them
-    home); summing over the edp replicas covers every rank, so the right divisor is W, not edp.
-    (Dividing by edp is the classic EP bug: expert gradients ep times too large.)
-    Call once per optimizer step, after the last backward."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if world_size == 1:
+    Each rank's loss is the mean over its own tokens; the global loss is (1/W) sum_r L_r. An
+    expert shard's gradient after backward already sums dL_r/dθ over the ranks of its ep group
+    (the all-to-all backward brings them home); summing over the edp replicas covers every
+    rank, so the divisor is W, not edp. (Dividing by edp is the classic EP bug: expert
+    gradients ep times too large.) Call once per optimizer step, after the last backward."""
+    if mesh is None or mesh.size() == 1:
         return
-    grads = [p.grad for p in _expert_params(model) if p.grad is not None]
+    grads = [p.grad.to_local() for p in model.parameters()
+             if isinstance(p, DTensor) and p.device_mesh.mesh_dim_names == ("ep",)
+             and p.grad is not None]
     if not grads:
         return
     if mesh["edp"].size() > 1:  # one collective for all expert gradients
@@ -30,30 +55,41 @@ def finalize_grads(model: Transformer, mesh: DeviceMesh) -> None:
         dist.all_reduce(flat, group=mesh["edp"].get_group())
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
-    torch._foreach_div_(grads, world_size)
+    torch._foreach_div_(grads, mesh.size())
 
 
-def clip_grad_norm_(model: Transformer, max_norm: float, mesh: DeviceMesh | None) -> torch.Tensor:
-    """Clip by the norm of the *whole* model's gradient, expert shards included.
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip by the norm of the *whole* model's gradient, every shard included; returns it.
 
-    Dense gradients are identical on every rank after DDP; expert shards are disjoint across
-    the ep group and identical across edp replicas, so their squared norms are summed over ep
-    only. Same formula as torch.nn.utils.clip_grad_norm_. Returns the total norm."""
-    expert_ids = {id(p) for p in _expert_params(model)}
-    dense = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in expert_ids]
-    expert = [p.grad for p in model.parameters() if p.grad is not None and id(p) in expert_ids]
-    device = next(model.parameters()).device
-    dense_sq = sum((g.float().pow(2).sum() for g in dense), torch.zeros((), device=device))
-    expert_sq = sum((g.float().pow(2).sum() for g in expert), torch.zeros((), device=device))
-    if mesh is not None and mesh["ep"].size() > 1:
-        dist.all_reduce(expert_sq, group=mesh["ep"].get_group())
-    total_norm = (dense_sq + expert_sq).sqrt()
+    A gradient's squared norm is summed over the mesh dimensions it is sharded on (FSDP's dp
+    ranks, the ep ranks, or both) and not over those it is replicated on (HSDP's replicas, the
+    edp replicas under DDP); plain tensors are whole on every rank. One all-reduce per kind of
+    sharding. Same formula as torch.nn.utils.clip_grad_norm_."""
+    squares: dict[tuple, torch.Tensor] = {}  # process groups to sum over -> local sum of g^2
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grad = p.grad
+        groups = ()
+        if isinstance(grad, DTensor):
+            # Shard, or FSDP's _StridedShard of an ep shard (which is not `is_shard()`)
+            groups = tuple(grad.device_mesh.get_group(dim)
+                           for dim, placement in enumerate(grad.placements)
+                           if not placement.is_replicate())
+            grad = grad.to_local()
+        grads.append(grad)
+        square = grad.to(torch.promote_types(grad.dtype, torch.float32)).pow(2).sum()
+        squares[groups] = squares[groups] + square if groups in squares else square
+    if not grads:
+        return torch.zeros(())
+    total = torch.zeros((), device=grads[0].device, dtype=torch.float64)
+    for groups, square in squares.items():
+        for group in groups:
+            dist.all_reduce(square, group=group)
+        total = total + square.double()
+    total_norm = total.sqrt()  # fp64: the sum over shards must not depend on the layout
     clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    for g in dense + expert:
+    for g in grads:
         g.mul_(clip_coef.to(g.dtype))
     return total_norm
-
-
-def _expert_params(model: Transformer):
-    params = dict(model.named_parameters())
-    return [params[name] for name in expert_parameter_names(model)]

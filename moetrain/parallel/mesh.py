@@ -1,4 +1,4 @@
-"""Process groups: backend choice, timeouts, and the (edp, ep) device mesh."""
+"""Process groups: backend choice, timeouts, and the device mesh of data and expert parallelism."""
 
 from __future__ import annotations
 
@@ -52,16 +52,31 @@ def _fresh_store(restart: int, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"moetrain/attempt{restart}", store)
 
 
+MESH_DIMS = ("dp_replicate", "efsdp", "ep")
+
+
 def build_mesh(cfg: ParallelConfig, num_experts: int | None) -> DeviceMesh:
-    """A 2-D mesh ("edp", "ep"): ep is the inner (fastest-varying) dimension so an expert
-    group is made of neighbouring ranks (one node on GPUs). Validates before any collective."""
+    """A 3-D mesh ("dp_replicate", "efsdp", "ep") with three flattened views:
+
+      dp        all ranks                      dense gradients are averaged over it
+      dp_shard  ("efsdp", "ep")                FSDP shards dense parameters over it
+      edp       ("dp_replicate", "efsdp")      the replicas of one expert shard
+
+    ep is the inner (fastest-varying) dimension, so an expert group is made of neighbouring
+    ranks (one node on GPUs). Validates before any collective."""
     world_size = dist.get_world_size()
     cfg.validate(world_size, num_experts)
     backend = dist.get_backend()
     options = _group_options(backend, cfg.timeout_s)
-    override = {name: (backend, options) for name in ("edp", "ep")} if options else None
-    return init_device_mesh(device_type(), (world_size // cfg.ep, cfg.ep),
-                            mesh_dim_names=("edp", "ep"), backend_override=override)
+    override = {name: (backend, options) for name in MESH_DIMS} if options else None
+    dp_shard = world_size // cfg.dp_replicate
+    mesh = init_device_mesh(device_type(), (cfg.dp_replicate, dp_shard // cfg.ep, cfg.ep),
+                            mesh_dim_names=MESH_DIMS, backend_override=override)
+    flat_override = (backend, options) if options else None
+    for name, dims in (("dp", MESH_DIMS), ("dp_shard", ("efsdp", "ep")),
+                       ("edp", ("dp_replicate", "efsdp"))):
+        mesh[dims]._flatten(name, backend_override=flat_override)
+    return mesh
 
 
 def _group_options(backend: str, timeout_s: float):

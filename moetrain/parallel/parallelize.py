@@ -1,9 +1,18 @@
-"""Apply expert and data parallelism to an unmodified single-process Transformer, in one place.
+"""Every transform of the single-process Transformer, applied in one place and in one order
+(torchtitan's `parallelize_*` order):
 
-Order: (1) shard every MoE layer's stacked expert weights on dim 0 over the "ep" mesh dim and
-install the all-to-all dispatcher; (2) install the global-statistics reduce; (3) wrap the model
-in DDP over all ranks for the dense parameters, with the expert parameters left out (their
-gradients are averaged over the "edp" replicas by `finalize_grads`).
+  1. activation checkpointing   each block recomputed in backward
+  2. expert parallelism         stacked expert weights become DTensors sharded on dim 0 (the
+                                expert dimension) over "ep"; the all-to-all dispatcher goes in
+  3. torch.compile              each block
+  4. data parallelism           FSDP2: the experts of each MoE layer over "efsdp" (their
+                                replicas), then each block and the root over all ranks; HSDP with
+                                dp_replicate > 1. Or DDP, with the expert DTensors left out
+                                (wrapped last: a meta model is materialised before it).
+
+Parameter names stay logical (`layers.1.ffn.experts.w_gate`, shape (E, hidden, dim) as a
+DTensor), so checkpoints are layout-free. The model is modified in place; the returned module is
+what to call for forward/backward (a DDP wrapper, or the model itself).
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from moetrain.config import ParallelConfig
@@ -24,11 +35,6 @@ from moetrain.parallel.dispatch import AllToAllDispatcher
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
-def expert_parameter_names(model: Transformer) -> list[str]:
-    """Names of the stacked routed-expert weights: sharded over ep, replicated over edp."""
-    return [name for name, _ in model.named_parameters() if ".experts." in name]
-
-
 def all_reduce_sum(group):
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
@@ -37,42 +43,92 @@ def all_reduce_sum(group):
     return reduce
 
 
-def shard_experts(moe_layers: list[MoE], ep_rank: int, ep_size: int) -> None:
-    """Keep this rank's contiguous block of experts; names stay logical (layers.N.ffn.experts.*)
-    and `expert_offset` records which global experts the block holds."""
+def parallelize(model: Transformer, mesh: DeviceMesh | None, cfg: ParallelConfig, *,
+                device: torch.device | str = "cpu", seed: int | None = None,
+                activation_checkpointing: bool = False, compile: bool = False,
+                mixed_precision: bool = False) -> nn.Module:
+    """Apply 1-4 above (mesh=None: one process, only 1 and 3).
+
+    A model built on the meta device is materialised on `device` after sharding, and only this
+    rank's shards are allocated and initialised (`init_weights(seed)`: the same values as one
+    process with that seed); DDP wraps it after that, since it broadcasts at construction. A
+    model already materialised keeps its weights. mixed_precision: FSDP computes in bf16 with
+    fp32 master weights and fp32 gradient reduction (CUDA)."""
+    if activation_checkpointing:
+        model.checkpoint_activations()
+    if mesh is not None:
+        apply_expert_parallel(model.moe_layers(), mesh["ep"], cfg.dedup)
+        for moe in model.moe_layers():  # global-batch statistics: a sum over every rank
+            moe.stats_reduce = all_reduce_sum(mesh["dp"].get_group())
+    if compile:
+        for block in model.layers:
+            block.compile()
+    data_parallel = mesh is not None and mesh.size() > 1
+    if data_parallel and cfg.data_parallel == "fsdp":
+        apply_fsdp(model, mesh, hsdp=cfg.dp_replicate > 1, mixed_precision=mixed_precision)
+    if model.rope_cos.is_meta:
+        model.to_empty(device=device)
+        model.init_weights(seed)
+    if data_parallel and cfg.data_parallel == "ddp":
+        return apply_ddp(model, mesh)
+    return model
+
+
+def apply_expert_parallel(moe_layers: list[MoE], ep_mesh: DeviceMesh, dedup: bool) -> None:
+    """Keep this rank's contiguous block of experts as a DTensor Shard(0) over `ep_mesh`
+    (global shape (E, ...), local (E / ep, ...)) and install the all-to-all dispatcher, which
+    holds the layer's one record of how many experts are local."""
+    ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    if ep_size == 1:
+        return
     for moe in moe_layers:
         experts = moe.experts
         local = moe.cfg.num_experts // ep_size
-        start = ep_rank * local
         for name in EXPERT_WEIGHTS:
             full = getattr(experts, name)
-            shard = nn.Parameter(full.detach()[start:start + local].clone(),
-                                 requires_grad=full.requires_grad)
-            setattr(experts, name, shard)
-        experts.num_experts = local
-        experts.expert_offset = start
+            block = full.detach()[ep_rank * local:(ep_rank + 1) * local].clone()
+            sharded = DTensor.from_local(block, ep_mesh, [Shard(0)], run_check=False)
+            setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+        moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), local, dedup)
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig) -> nn.Module:
-    """Returns the module to call for forward/backward (DDP-wrapped when world > 1). `model`
-    itself is modified in place and stays the handle for optimizers, stats and checkpoints."""
-    ep_mesh = mesh["ep"]
-    ep_size, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
-    world_group = dist.group.WORLD
-    if ep_size > 1:
-        shard_experts(model.moe_layers(), ep_rank, ep_size)
-        for moe in model.moe_layers():
-            moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), dedup=cfg.dedup)
-    for moe in model.moe_layers():
-        moe.stats_reduce = all_reduce_sum(world_group)
-    if dist.get_world_size() == 1:
-        return model
-    # Expert shards differ across ep ranks: DDP must neither broadcast nor all-reduce them.
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, expert_parameter_names(model))
+def apply_fsdp(model: Transformer, mesh: DeviceMesh, hsdp: bool, mixed_precision: bool) -> None:
+    """fully_shard the experts of each MoE layer over their replicas, then each block, then the
+    root. Expert gradients are averaged over every rank, not only over their replicas: the
+    all-to-all backward already summed the ep group's contributions into each shard.
+
+    With one replica per shard group (efsdp = 1) the experts are not FSDP's: nothing is left to
+    shard, and torch 2.13's FSDP divides twice when its reduce-scatter spans one rank on the
+    sum path (fp64, or gloo). They stay ep DTensors, averaged by finalize_grads as under DDP."""
+    dense_mesh = mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"]
+    expert_mesh = mesh["dp_replicate", "efsdp"] if hsdp else mesh["efsdp"]
+    shard_experts = mesh["efsdp"].size() > 1
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision else MixedPrecisionPolicy())
+    sharded = []
+    for block in model.layers:
+        ignored = None
+        if block.is_moe and shard_experts:
+            sharded.append(fully_shard(block.ffn.experts, mesh=expert_mesh, mp_policy=policy))
+            block.ffn.experts.set_gradient_divide_factor(mesh.size())
+        elif block.is_moe:
+            ignored = set(block.ffn.experts.parameters())
+        sharded.append(fully_shard(block, mesh=dense_mesh, mp_policy=policy,
+                                   ignored_params=ignored))
+    sharded.append(fully_shard(model, mesh=dense_mesh, mp_policy=policy))
+    if dist.get_backend() == "gloo":  # gloo has no AVG or PREMUL_SUM: SUM, then divide
+        for module in sharded:
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def apply_ddp(model: Transformer, mesh: DeviceMesh) -> nn.Module:
+    """DDP over all ranks for every parameter except the expert DTensors, whose shards differ
+    across ep ranks (finalize_grads averages them over their replicas)."""
+    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
     # broadcast_buffers=False: step_tokens_per_expert is per-rank until pop_step_loads
     # reduces it; expert_bias is kept identical by that same reduction.
     with warnings.catch_warnings():  # torch >= 2.10 deprecates the name, not the behaviour
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        return DistributedDataParallel(model, broadcast_buffers=False)
-
+        return DistributedDataParallel(model, broadcast_buffers=False,
+                                       process_group=mesh["dp"].get_group())

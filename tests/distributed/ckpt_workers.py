@@ -42,7 +42,7 @@ def run_config(run_dir, family, world, ep, steps=10, **extra) -> RunConfig:
 def train(rank, world, run_dir, family, ep, **kwargs) -> dict:
     trainer = Trainer(run_config(run_dir, family, world, ep, **kwargs))
     trainer.fit()
-    state = gather_logical(trainer.model.state_dict(), trainer.mesh)
+    state = gather_logical(trainer.model.state_dict())
     return {"step": trainer.step, "state": state}
 
 

@@ -1,7 +1,10 @@
 """The gate: every parallel layout trains the same model as one process.
 
-One spawn per world size runs every case (family x capacity x dedup x ep layout) over a shared
-process group; each result is compared with a single-process run of the same global batch.
+One spawn per world size runs every case (family x capacity x dedup x ep layout x FSDP/DDP x
+activation checkpointing x gradient accumulation x precision) over shared process groups; each
+result is compared with a single-process run of the same global batch, from the same seed:
+initial weights bit for bit (the parallel model is built on the meta device and only its
+shards are initialised), then losses, token counts, gradients and weights after 5 steps.
 """
 
 from __future__ import annotations
@@ -12,66 +15,106 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
-from tests.distributed.workers import family, reference_run, run_cases
+from tests.distributed.workers import Case, family, reference_run, run_cases
 
 FAMILIES = [("mixtral", None), ("mixtral", 1.0), ("deepseek", None), ("deepseek", 1.0),
             ("mixtral_global", None), ("expert_choice", 1.0)]
-LAYOUTS = {1: [1], 2: [1, 2], 4: [4, 2]}  # world size -> ep sizes (edp = world / ep)
 
 
-# Activation checkpointing re-runs the all-to-alls (and the global-statistics all-reduce)
-# inside backward: (world size, family, capacity factor, ep) cases run with it on.
-RECOMPUTE = {2: [("mixtral", 1.0, 2), ("deepseek", None, 2)],
-             4: [("deepseek", 1.0, 2), ("mixtral_global", None, 4)]}
+def _all_families(**layout) -> list[Case]:
+    return [Case(name, cf, **layout) for name, cf in FAMILIES]
 
 
-def cases_for(world_size):
-    """(family, capacity factor, ep, dedup, activation checkpointing)"""
-    return ([(name, cf, ep, dedup, False) for ep in LAYOUTS[world_size] for name, cf in FAMILIES
-             for dedup in ((True, False) if ep > 1 else (True,))]
-            + [(name, cf, ep, True, True) for name, cf, ep in RECOMPUTE.get(world_size, [])])
+# world size -> cases. FSDP (the default) on every layout and family; DDP kept on every layout;
+# activation checkpointing, accumulation, HSDP and fp64 on the layouts that exercise them.
+CASES = {
+    1: _all_families(),
+    2: (_all_families(ep=1) + _all_families(ep=1, data_parallel="ddp")
+        + _all_families(ep=2) + _all_families(ep=2, dedup=False)
+        + _all_families(ep=2, data_parallel="ddp")
+        + [Case("mixtral", 1.0, ep=2, recompute=True),
+           Case("deepseek", None, ep=2, data_parallel="ddp", recompute=True),
+           Case("mixtral", None, ep=2, accum=2),
+           Case("deepseek", None, ep=1, accum=2, recompute=True),
+           Case("deepseek", None, ep=2, data_parallel="ddp", accum=2),
+           Case("mixtral", None, ep=2, dtype="fp64")]),
+    4: (_all_families(ep=4) + _all_families(ep=2)
+        + [Case(name, cf, ep=ep, data_parallel="ddp") for name, cf in FAMILIES[:3]
+           for ep in (2, 4)]
+        + [Case("deepseek", 1.0, ep=2, recompute=True),
+           Case("mixtral_global", None, ep=4, recompute=True),
+           Case("deepseek", None, ep=2, accum=2),
+           Case("mixtral", 1.0, ep=4, accum=2, recompute=True),
+           Case("mixtral", None, ep=2, dp_replicate=2),
+           Case("deepseek", None, ep=1, dp_replicate=2, accum=2),
+           Case("deepseek", None, ep=2, dtype="fp64"),
+           Case("mixtral_global", None, ep=4, dtype="fp64")]),
+}
+# max |delta| / max |reference| per tensor: fp32 leaves summation-order noise, fp64 only bugs
+TOLERANCE = {"fp32": 1e-5, "fp64": 1e-10}
 
 
 @functools.lru_cache(maxsize=None)
-def reference(name, capacity_factor, micro_batches):
-    return reference_run(family(name, capacity_factor), micro_batches)
+def reference(name, capacity_factor, micro_batches, dtype):
+    return reference_run(family(name, capacity_factor), micro_batches,
+                         dtype=Case(name, dtype=dtype).torch_dtype)
 
 
 @functools.lru_cache(maxsize=None)
 def parallel_results(world_size):
-    return run_distributed(run_cases, world_size, cases_for(world_size))
+    return run_distributed(run_cases, world_size, CASES[world_size])
 
 
-def case_ids(world_size):
-    return [f"{n}-cf{cf}-ep{ep}-edp{world_size // ep}-{'dedup' if d else 'nodedup'}"
-            + ("-recompute" if r else "") for n, cf, ep, d, r in cases_for(world_size)]
+def case_id(world_size: int, case: Case) -> str:
+    edp = world_size // case.ep
+    parts = [f"w{world_size}", case.family, f"cf{case.capacity_factor}", f"ep{case.ep}",
+             f"edp{edp}", case.data_parallel]
+    parts += [label for label, on in (("nodedup", not case.dedup), ("recompute", case.recompute),
+                                      (f"accum{case.accum}", case.accum > 1),
+                                      (f"hsdp{case.dp_replicate}", case.dp_replicate > 1),
+                                      ("fp64", case.dtype == "fp64")) if on]
+    return "-".join(parts)
 
 
-@pytest.mark.parametrize("world_size,case_index",
-                         [(w, i) for w in LAYOUTS for i in range(len(cases_for(w)))],
-                         ids=[f"w{w}-{c}" for w in LAYOUTS for c in case_ids(w)])
+def assert_relative_close(actual, expected, tolerance, what):
+    """max |actual - expected| / max |expected| over the tensor."""
+    scale = expected.abs().max().clamp(min=torch.finfo(expected.dtype).tiny)
+    error = ((actual - expected).abs().max() / scale).item()
+    assert error <= tolerance, f"{what}: relative error {error:.3g} > {tolerance:g}"
+
+
+PARAMS = [(w, i) for w in CASES for i in range(len(CASES[w]))]
+
+
+@pytest.mark.parametrize("world_size,case_index", PARAMS,
+                         ids=[case_id(w, CASES[w][i]) for w, i in PARAMS])
 def test_parallel_layout_matches_single_process(world_size, case_index):
-    name, capacity_factor, ep, dedup, recompute = cases_for(world_size)[case_index]
-    # Global-batch statistics see all ranks' tokens at once: one big micro-batch in one process.
-    micro_batches = 1 if name == "mixtral_global" else world_size
-    ref = reference(name, capacity_factor, micro_batches)
+    case = CASES[world_size][case_index]
+    # Global-batch statistics see all ranks' tokens at once: one big micro-batch per
+    # accumulation step in one process.
+    ranks_per_micro = 1 if case.family == "mixtral_global" else world_size
+    ref = reference(case.family, case.capacity_factor, ranks_per_micro * case.accum, case.dtype)
     ranks = [r[case_index] for r in parallel_results(world_size)]
+    tolerance = TOLERANCE[case.dtype]
 
     for rank, result in enumerate(ranks):
+        assert result["init_state"].keys() == ref["init_state"].keys()
+        for key, value in ref["init_state"].items():  # sharded init = one-process init
+            assert torch.equal(result["init_state"][key], value), f"rank {rank} init of {key}"
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref["losses"]),
-                                   rtol=1e-5, atol=0, msg=f"rank {rank} per-step loss")
+                                   rtol=tolerance, atol=0, msg=f"rank {rank} per-step loss")
         assert torch.equal(result["counts"], ref["counts"]), "per-expert token counts differ"
         # Gradients are compared directly: Adam is blind to a uniformly mis-scaled gradient.
         torch.testing.assert_close(torch.tensor(result["grad_norms"]),
-                                   torch.tensor(ref["grad_norms"]), rtol=1e-5, atol=0,
+                                   torch.tensor(ref["grad_norms"]), rtol=tolerance, atol=0,
                                    msg=f"rank {rank} global gradient norm")
         for key, value in ref["first_grads"].items():
-            torch.testing.assert_close(result["first_grads"][key], value, rtol=1e-4, atol=1e-7,
-                                       msg=f"rank {rank} gradient of {key} at step 1")
+            assert_relative_close(result["first_grads"][key], value, tolerance,
+                                  f"rank {rank} gradient of {key} at step 1")
         assert result["state"].keys() == ref["state"].keys()
         for key, value in ref["state"].items():
-            torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-5,
-                                       msg=f"rank {rank} parameter {key} after 5 steps")
+            assert_relative_close(result["state"][key], value, tolerance,
+                                  f"rank {rank} {key} after 5 steps")
         for bias, ref_bias, bias0 in zip(result["expert_bias"],
                                          [v for k, v in ref["state"].items()
                                           if k.endswith("expert_bias")],
@@ -79,8 +122,10 @@ def test_parallel_layout_matches_single_process(world_size, case_index):
             assert torch.equal(bias, bias0), "expert bias differs between ranks"
             torch.testing.assert_close(bias, ref_bias, rtol=0, atol=1e-7)
     # the cases must exercise what they claim
-    assert all(r["moe_forwards"] == (2 if recompute else 1) for r in ranks)
-    if capacity_factor is not None and name != "expert_choice":
+    assert all(r["moe_forwards"] == (2 if case.recompute else 1) for r in ranks)
+    if case.capacity_factor is not None and case.family != "expert_choice":
         assert ref["max_dropped"] > 0, "capacity case dropped nothing"
-    if name == "deepseek":
+    if case.family == "deepseek":
         assert any(b.abs().sum() > 0 for b in ranks[0]["expert_bias"])
+    assert all(r["state"][k].dtype == case.torch_dtype for r in ranks for k in r["state"]
+               if k.endswith("weight"))

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfig
 from moetrain.model import Transformer
 from moetrain.model.balance import pop_step_loads, update_expert_bias
-from moetrain.parallel import (all_reduce_sum, build_mesh, clip_grad_norm_, finalize_grads,
-                               parallelize)
+from moetrain.parallel import (accumulating, all_reduce_sum, build_mesh, clip_grad_norm_,
+                               finalize_grads, parallelize)
 
-STEPS, LR, EPS, CLIP, GLOBAL_BATCH, SEQ = 5, 1e-3, 1e-6, 0.5, 8, 16
+STEPS, LR, EPS, CLIP, GLOBAL_BATCH, SEQ, SEED = 5, 1e-3, 1e-6, 0.5, 8, 16, 7
 
 
 def family(name: str, capacity_factor=None) -> ModelConfig:
@@ -61,13 +64,45 @@ def layer_dropped(model) -> float:
     return max(m.last_stats["dropped_fraction"].item() for m in model.moe_layers())
 
 
-def reference_run(cfg: ModelConfig, micro_batches: int, steps: int = STEPS) -> dict:
-    """One process, the global batch as `micro_batches` equal micro-batches (one per rank).
-    One thread, like each rank: matmul results can differ in the last bit with thread count."""
+@dataclass(frozen=True)
+class Case:
+    """One layout of the equivalence gate."""
+
+    family: str
+    capacity_factor: float | None = None
+    ep: int = 1
+    data_parallel: str = "fsdp"
+    dedup: bool = True
+    recompute: bool = False  # activation checkpointing
+    accum: int = 1  # micro-batches per rank per step
+    dtype: str = "fp32"  # fp32 | fp64
+    dp_replicate: int = 1  # HSDP groups
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "fp64" else torch.float32
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def reference_run(cfg: ModelConfig, micro_batches: int, steps: int = STEPS,
+                  dtype: torch.dtype = torch.float32) -> dict:
+    """One process, the global batch as `micro_batches` equal micro-batches (one per rank and
+    accumulation step). One thread, like each rank: matmul results can differ in the last bit
+    with thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _reference_run(cfg, micro_batches, steps)
+        with default_dtype(dtype):
+            return _reference_run(cfg, micro_batches, steps)
     finally:
         torch.set_num_threads(threads)
 
@@ -75,6 +110,8 @@ def reference_run(cfg: ModelConfig, micro_batches: int, steps: int = STEPS) -> d
 def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = Transformer(copy.deepcopy(cfg))
+    model.init_weights(SEED)
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     batch = global_batch()
     losses, counts, dropped, norms = [], [], [], []
@@ -97,25 +134,38 @@ def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int) -> dict:
         losses.append(total)
         counts.append(step_counts)
     return {"losses": losses, "counts": torch.stack(counts), "max_dropped": max(dropped),
-            "grad_norms": norms, "first_grads": first_grads,
+            "grad_norms": norms, "first_grads": first_grads, "init_state": init_state,
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 _MESHES = {}
 
 
-def parallel_run(rank: int, world_size: int, cfg: ModelConfig, pcfg: ParallelConfig,
-                 steps: int = STEPS, recompute: bool = False) -> dict:
-    torch.manual_seed(0)
-    model = Transformer(copy.deepcopy(cfg))
-    model.checkpoint_activations(recompute)
+def mesh_for(pcfg: ParallelConfig, num_experts: int):
+    """One mesh per (ep, dp_replicate) for the whole spawn: building one creates groups."""
+    key = (pcfg.ep, pcfg.dp_replicate)
+    if key not in _MESHES:
+        _MESHES[key] = build_mesh(pcfg, num_experts)
+    return _MESHES[key]
+
+
+def parallel_run(rank: int, world_size: int, case: Case, steps: int = STEPS) -> dict:
+    with default_dtype(case.torch_dtype):
+        return _parallel_run(rank, world_size, case, steps)
+
+
+def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
+    cfg = family(case.family, case.capacity_factor)
+    pcfg = ParallelConfig(ep=case.ep, dedup=case.dedup, data_parallel=case.data_parallel,
+                          dp_replicate=case.dp_replicate)
+    mesh = mesh_for(pcfg, cfg.moe.num_experts)
+    with torch.device("meta"):  # as the trainer does: only this rank's shards are ever built
+        model = Transformer(copy.deepcopy(cfg))
     moe_forwards = [0]  # twice per step and layer when the backward recomputes
     for moe in model.moe_layers():
         moe.register_forward_hook(lambda *_: moe_forwards.__setitem__(0, moe_forwards[0] + 1))
-    if pcfg.ep not in _MESHES:
-        _MESHES[pcfg.ep] = build_mesh(pcfg, cfg.moe.num_experts)
-    mesh = _MESHES[pcfg.ep]
-    module = parallelize(model, mesh, pcfg)
+    module = parallelize(model, mesh, pcfg, seed=SEED, activation_checkpointing=case.recompute)
+    init_state = gather_logical(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     per_rank = GLOBAL_BATCH // world_size
     tokens = global_batch()[rank * per_rank:(rank + 1) * per_rank]
@@ -123,45 +173,37 @@ def parallel_run(rank: int, world_size: int, cfg: ModelConfig, pcfg: ParallelCon
     losses, counts, norms = [], [], []
     for step in range(steps):
         opt.zero_grad()
-        loss = lm_loss(module, tokens)
-        loss.backward()
+        total, step_counts = 0.0, 0
+        for i, micro in enumerate(tokens.chunk(case.accum)):
+            last = i == case.accum - 1
+            with contextlib.nullcontext() if last else accumulating(module):
+                loss = lm_loss(module, micro) / case.accum
+                loss.backward()
+            total += loss.detach()
+            step_counts = step_counts + reduce(layer_counts(model))
         finalize_grads(model, mesh)
         if step == 0:
-            first_grads = gather_logical({n: p.grad for n, p in model.named_parameters()}, mesh)
-        norms.append(clip_grad_norm_(model, CLIP, mesh).item())
+            first_grads = gather_logical({n: p.grad for n, p in model.named_parameters()})
+        norms.append(clip_grad_norm_(model, CLIP).item())
         opt.step()
         if cfg.balance.aux_free:
             loads = pop_step_loads(model.moe_layers(), reduce)
             update_expert_bias(model.moe_layers(), loads, cfg.balance.bias_update_rate)
-        losses.append(reduce(loss.detach()).item() / world_size)
-        counts.append(reduce(layer_counts(model)))
+        losses.append(reduce(total).item() / world_size)
+        counts.append(step_counts)
     return {"losses": losses, "counts": torch.stack(counts), "grad_norms": norms,
-            "first_grads": first_grads, "state": gather_logical(model.state_dict(), mesh),
-            "moe_forwards": moe_forwards[0] / (steps * len(model.moe_layers())),
+            "first_grads": first_grads, "init_state": init_state,
+            "state": gather_logical(model.state_dict()),
+            "moe_forwards": moe_forwards[0] / (steps * case.accum * len(model.moe_layers())),
             "expert_bias": [m.router.expert_bias.clone() for m in model.moe_layers()
                             if hasattr(m.router, "expert_bias")]}
 
 
-def gather_logical(tensors: dict, mesh) -> dict:
-    """The logical (unsharded) view: expert shards all-gathered over the ep group."""
-    ep = mesh["ep"].size()
-    state = {}
-    for name, value in tensors.items():
-        value = value.detach()
-        if ".experts." in name and ep > 1:
-            parts = [torch.empty_like(value) for _ in range(ep)]
-            dist.all_gather(parts, value.contiguous(), group=mesh["ep"].get_group())
-            value = torch.cat(parts)
-        state[name] = value.clone()
-    return state
+def gather_logical(tensors: dict) -> dict:
+    """The logical (unsharded) view: DTensors (expert blocks, FSDP shards) gathered whole."""
+    return {name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+            for name, value in tensors.items()}
 
 
-def run_cases(rank: int, world_size: int, cases: list[tuple], steps: int = STEPS) -> list[dict]:
-    """cases: (family name, capacity factor, ep, dedup, activation checkpointing) -> one
-    result per case."""
-    results = []
-    for name, capacity_factor, ep, dedup, recompute in cases:
-        cfg = family(name, capacity_factor)
-        results.append(parallel_run(rank, world_size, cfg, ParallelConfig(ep=ep, dedup=dedup),
-                                    steps, recompute))
-    return results
+def run_cases(rank: int, world_size: int, cases: list[Case], steps: int = STEPS) -> list[dict]:
+    return [parallel_run(rank, world_size, case, steps) for case in cases]

@@ -1,0 +1,58 @@
+"""Layout-free initialisation: a parameter's initial values depend only on (seed, name, index).
+
+Row i (the slice [i] along dim 0) of parameter `name` is drawn from a generator seeded with a
+hash of (seed, name, i). A rank that holds only some rows of a parameter (a DTensor sharded by
+expert parallelism and/or FSDP, materialised from the meta device) draws exactly those rows, so
+every layout starts from the weights of one process with the same seed, and no rank ever
+generates more than one row beyond its own shard. A 1-D parameter is one row.
+
+Rows, not whole tensors: a CPU generator cannot skip ahead, so a seed per row is what lets a
+rank start at its first row. Values are drawn on the CPU in fp32 and copied to the parameter's
+device and dtype, so they are the same on every device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch.distributed.tensor import DTensor
+# The public DTensor API has no "which global slice do I hold"; DCP uses this helper for it.
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for (seed, name): Python's hash() of a str changes per process."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@torch.no_grad()
+def seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """Fill `param` (or this rank's shard of it) with normal(0, std) values of one process."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        local_shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements)
+    else:
+        local, local_shape, offset = param, tuple(param.shape), (0,) * param.ndim
+    if local.numel() == 0:
+        return
+    global_shape = tuple(param.shape)
+    if len(global_shape) <= 1:  # one row: the whole vector
+        values = _row(generator_for(seed, name, 0), global_shape, std)
+        local.copy_(values[offset[0]:offset[0] + local_shape[0]] if global_shape else values)
+        return
+    # The columns this rank holds, for a parameter also sharded on a later dim.
+    # Row by row into the shard: the only memory beyond the shard is one row.
+    columns = tuple(slice(o, o + n) for o, n in zip(offset[1:], local_shape[1:]))
+    for i in range(local_shape[0]):
+        local[i].copy_(_row(generator_for(seed, name, offset[0] + i), global_shape[1:], std)[columns])
+
+
+def generator_for(seed: int, name: str, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed((name_seed(seed, name) + row) % 2**63)
+
+
+def _row(generator: torch.Generator, shape, std: float) -> torch.Tensor:
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
