@@ -4,6 +4,7 @@ rank under torchrun, strict keys, and export."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -23,10 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @functools.lru_cache(maxsize=None)
-def straight(family: str, root: str):
+def straight(family: str, root: str, data_parallel: str = "fsdp"):
     """10 uninterrupted steps at world 2, ep=2, checkpoints at steps 5 and 10."""
-    run_dir = Path(root) / f"straight-{family}"
-    result = run_distributed(train, 2, run_dir, family, 2)[0]
+    run_dir = Path(root) / f"straight-{family}-{data_parallel}"
+    result = run_distributed(train, 2, run_dir, family, 2, data_parallel=data_parallel)[0]
     return run_dir, result
 
 
@@ -55,15 +56,36 @@ def test_exact_resume_matches_uninterrupted_run(family, root):
         assert any("expert_bias" in k and v.abs().sum() > 0 for k, v in ref["state"].items())
 
 
-@pytest.mark.parametrize("world,ep", [(2, 1), (4, 4)], ids=["ep1-edp2", "ep4"])
-def test_resharded_resume_continues_the_same_training(world, ep, root):
-    ref_dir, _ = straight("deepseek", root)
+# (written by, world, ep, data parallel, dp_replicate) of the resumed run
+RESHARD = [("fsdp", 2, 1, "ddp", 1), ("fsdp", 4, 4, "fsdp", 1), ("fsdp", 4, 2, "ddp", 1),
+           ("fsdp", 4, 2, "fsdp", 2), ("ddp", 4, 2, "fsdp", 1), ("ddp", 2, 1, "fsdp", 1)]
+
+
+@pytest.mark.parametrize("written_by,world,ep,data_parallel,dp_replicate", RESHARD,
+                         ids=[f"{w}-to-w{n}-ep{ep}-{dp}" + (f"-hsdp{r}" if r > 1 else "")
+                              for w, n, ep, dp, r in RESHARD])
+def test_resharded_resume_continues_the_same_training(written_by, world, ep, data_parallel,
+                                                      dp_replicate, root):
+    """A checkpoint written at world 2, ep=2 under FSDP or DDP resumes under another data
+    parallelism, world size and ep (HSDP too) and gives the uninterrupted run's next loss."""
+    ref_dir, _ = straight("deepseek", root, written_by)
     checkpoint = ref_dir / "checkpoints" / "step_00000005"
-    run_dir = Path(root) / f"reshard-w{world}-ep{ep}"
+    run_dir = Path(root) / f"reshard-{written_by}-w{world}-ep{ep}-{data_parallel}{dp_replicate}"
     result = run_distributed(train, world, run_dir, "deepseek", ep, resume=str(checkpoint),
+                             data_parallel=data_parallel, dp_replicate=dp_replicate,
                              train={"exit_at_step": 6})[0]
     assert result["step"] == 6
     assert losses(run_dir)[6] == pytest.approx(losses(ref_dir)[6], rel=1e-5)
+
+
+def test_ddp_and_fsdp_train_the_same_run(root):
+    (fsdp_dir, fsdp), (ddp_dir, ddp) = straight("deepseek", root), straight("deepseek", root,
+                                                                            "ddp")
+    for step, loss in losses(fsdp_dir).items():
+        assert losses(ddp_dir)[step] == pytest.approx(loss, rel=1e-5), f"step {step}"
+    for key, value in fsdp["state"].items():
+        scale = value.abs().max().clamp(min=1e-30)
+        assert ((ddp["state"][key] - value).abs().max() / scale).item() < 1e-5, key
 
 
 def test_export_writes_logical_safetensors_from_an_ep2_run(root, tmp_path):
@@ -192,3 +214,18 @@ def test_torchrun_restarts_after_a_killed_rank_and_finishes_like_an_uninterrupte
     assert got[12] == pytest.approx(expected[12], rel=1e-6)
     metrics = (tmp_path / "killed" / "metrics.jsonl").read_text()
     assert '"event": "resume"' in metrics  # it really restarted from a checkpoint
+
+
+OLD = REPO / "tests" / "data" / "checkpoint_d4bc6f2"  # DDP, world 2, ep=2, before FSDP
+
+
+@pytest.mark.parametrize("world,ep", [(2, 1), (4, 4)])
+def test_a_checkpoint_written_before_fsdp_resumes_under_fsdp(world, ep, tmp_path):
+    """The checkpoint was written by commit d4bc6f2 (DDP, experts as plain slices) running
+    that commit's ckpt_workers.train(rank, 2, run_dir, "deepseek", 2, steps=6); the losses of
+    that run are in losses.json."""
+    expected = json.loads((OLD / "losses.json").read_text())
+    result = run_distributed(train, world, tmp_path / "run", "deepseek", ep,
+                             resume=str(OLD / "step_00000005"), train={"exit_at_step": 6})[0]
+    assert result["step"] == 6
+    assert losses(tmp_path / "run")[6] == pytest.approx(expected["6"], rel=1e-5)
