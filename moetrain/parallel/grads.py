@@ -7,9 +7,10 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+
+from moetrain.parallel.mesh import ParallelMesh
 
 
 @contextlib.contextmanager
@@ -32,7 +33,7 @@ def accumulating(module: nn.Module):
         yield
 
 
-def finalize_grads(model: nn.Module, mesh: DeviceMesh | None) -> None:
+def finalize_grads(model: nn.Module, mesh: ParallelMesh | None) -> None:
     """Average the expert gradients that no data-parallel wrapper reduces (DTensors over "ep"
     alone: left out of DDP, or of FSDP when each shard group holds one replica) so they equal
     one process's gradient of the global batch. Experts sharded by FSDP arrive that way from its
@@ -50,9 +51,9 @@ def finalize_grads(model: nn.Module, mesh: DeviceMesh | None) -> None:
              and p.grad is not None]
     if not grads:
         return
-    if mesh["edp"].size() > 1:  # one collective for all expert gradients
+    if mesh.edp.size() > 1:  # one collective for all expert gradients
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=mesh["edp"].get_group())
+        dist.all_reduce(flat, group=mesh.edp.get_group())
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
     torch._foreach_div_(grads, mesh.size())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -55,28 +56,63 @@ def _fresh_store(restart: int, timeout: timedelta) -> dist.Store:
 MESH_DIMS = ("dp_replicate", "efsdp", "ep")
 
 
-def build_mesh(cfg: ParallelConfig, num_experts: int | None) -> DeviceMesh:
-    """A 3-D mesh ("dp_replicate", "efsdp", "ep") with three flattened views:
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The meshes of one layout, all views of one set of ranks. `world` is 3-D
+    ("dp_replicate", "efsdp", "ep"); ep is the inner (fastest-varying) dimension, so an expert
+    group is made of neighbouring ranks (one node on GPUs). The flattened views are kept here
+    rather than sliced from `world` again (torch deprecates slicing flattened dims):
 
-      dp        all ranks                      dense gradients are averaged over it
-      dp_shard  ("efsdp", "ep")                FSDP shards dense parameters over it
-      edp       ("dp_replicate", "efsdp")      the replicas of one expert shard
+      dp        every rank                     dense gradients are averaged over it
+      dp_shard  efsdp x ep                     FSDP shards dense parameters over it
+      edp       dp_replicate x efsdp           the replicas of one expert shard
+      hsdp      (dp_replicate, dp_shard), 2-D  HSDP's mesh for dense parameters, or None
+    """
 
-    ep is the inner (fastest-varying) dimension, so an expert group is made of neighbouring
-    ranks (one node on GPUs). Validates before any collective."""
+    world: DeviceMesh
+    dp: DeviceMesh
+    dp_shard: DeviceMesh
+    edp: DeviceMesh
+    hsdp: DeviceMesh | None
+
+    @property
+    def ep(self) -> DeviceMesh:
+        return self.world["ep"]
+
+    @property
+    def efsdp(self) -> DeviceMesh:
+        return self.world["efsdp"]
+
+    @property
+    def experts(self) -> DeviceMesh:
+        """The mesh FSDP shards expert blocks over: their replicas (2-D under HSDP)."""
+        return self.world["dp_replicate", "efsdp"] if self.hsdp is not None else self.efsdp
+
+    def size(self) -> int:
+        return self.world.size()
+
+
+def build_mesh(cfg: ParallelConfig, num_experts: int | None) -> ParallelMesh:
+    """Validates the layout before any collective, then creates every group it needs."""
     world_size = dist.get_world_size()
     cfg.validate(world_size, num_experts)
     backend = dist.get_backend()
     options = _group_options(backend, cfg.timeout_s)
-    override = {name: (backend, options) for name in MESH_DIMS} if options else None
+    flat = (backend, options) if options else None
     dp_shard = world_size // cfg.dp_replicate
-    mesh = init_device_mesh(device_type(), (cfg.dp_replicate, dp_shard // cfg.ep, cfg.ep),
-                            mesh_dim_names=MESH_DIMS, backend_override=override)
-    flat_override = (backend, options) if options else None
-    for name, dims in (("dp", MESH_DIMS), ("dp_shard", ("efsdp", "ep")),
-                       ("edp", ("dp_replicate", "efsdp"))):
-        mesh[dims]._flatten(name, backend_override=flat_override)
-    return mesh
+    world = init_device_mesh(
+        device_type(), (cfg.dp_replicate, dp_shard // cfg.ep, cfg.ep), mesh_dim_names=MESH_DIMS,
+        backend_override={name: flat for name in MESH_DIMS} if flat else None)
+    dp = world[MESH_DIMS]._flatten("dp", backend_override=flat)
+    hsdp = None
+    if cfg.dp_replicate > 1:
+        names = ("dp_replicate", "dp_shard")
+        hsdp = dp._unflatten(0, (cfg.dp_replicate, dp_shard), names,
+                             backend_override={name: flat for name in names} if flat else None)
+    return ParallelMesh(world=world, dp=dp,
+                        dp_shard=world["efsdp", "ep"]._flatten("dp_shard", backend_override=flat),
+                        edp=world["dp_replicate", "efsdp"]._flatten("edp", backend_override=flat),
+                        hsdp=hsdp)
 
 
 def _group_options(backend: str, timeout_s: float):

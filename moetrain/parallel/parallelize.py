@@ -31,6 +31,7 @@ from moetrain.config import ParallelConfig
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
 from moetrain.parallel.dispatch import AllToAllDispatcher
+from moetrain.parallel.mesh import ParallelMesh
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
@@ -43,7 +44,7 @@ def all_reduce_sum(group):
     return reduce
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh | None, cfg: ParallelConfig, *,
+def parallelize(model: Transformer, mesh: ParallelMesh | None, cfg: ParallelConfig, *,
                 device: torch.device | str = "cpu", seed: int | None = None,
                 activation_checkpointing: bool = False, compile: bool = False,
                 mixed_precision: bool = False) -> nn.Module:
@@ -57,15 +58,15 @@ def parallelize(model: Transformer, mesh: DeviceMesh | None, cfg: ParallelConfig
     if activation_checkpointing:
         model.checkpoint_activations()
     if mesh is not None:
-        apply_expert_parallel(model.moe_layers(), mesh["ep"], cfg.dedup)
+        apply_expert_parallel(model.moe_layers(), mesh.ep, cfg.dedup)
         for moe in model.moe_layers():  # global-batch statistics: a sum over every rank
-            moe.stats_reduce = all_reduce_sum(mesh["dp"].get_group())
+            moe.stats_reduce = all_reduce_sum(mesh.dp.get_group())
     if compile:
         for block in model.layers:
             block.compile()
     data_parallel = mesh is not None and mesh.size() > 1
     if data_parallel and cfg.data_parallel == "fsdp":
-        apply_fsdp(model, mesh, hsdp=cfg.dp_replicate > 1, mixed_precision=mixed_precision)
+        apply_fsdp(model, mesh, mixed_precision=mixed_precision)
     if model.rope_cos.is_meta:
         model.to_empty(device=device)
         model.init_weights(seed)
@@ -92,7 +93,7 @@ def apply_expert_parallel(moe_layers: list[MoE], ep_mesh: DeviceMesh, dedup: boo
         moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), local, dedup)
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, hsdp: bool, mixed_precision: bool) -> None:
+def apply_fsdp(model: Transformer, mesh: ParallelMesh, mixed_precision: bool) -> None:
     """fully_shard the experts of each MoE layer over their replicas, then each block, then the
     root. Expert gradients are averaged over every rank, not only over their replicas: the
     all-to-all backward already summed the ep group's contributions into each shard.
@@ -100,16 +101,15 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, hsdp: bool, mixed_precision
     With one replica per shard group (efsdp = 1) the experts are not FSDP's: nothing is left to
     shard, and torch 2.13's FSDP divides twice when its reduce-scatter spans one rank on the
     sum path (fp64, or gloo). They stay ep DTensors, averaged by finalize_grads as under DDP."""
-    dense_mesh = mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"]
-    expert_mesh = mesh["dp_replicate", "efsdp"] if hsdp else mesh["efsdp"]
-    shard_experts = mesh["efsdp"].size() > 1
+    dense_mesh = mesh.hsdp if mesh.hsdp is not None else mesh.dp_shard
+    shard_experts = mesh.efsdp.size() > 1
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
     sharded = []
     for block in model.layers:
         ignored = None
         if block.is_moe and shard_experts:
-            sharded.append(fully_shard(block.ffn.experts, mesh=expert_mesh, mp_policy=policy))
+            sharded.append(fully_shard(block.ffn.experts, mesh=mesh.experts, mp_policy=policy))
             block.ffn.experts.set_gradient_divide_factor(mesh.size())
         elif block.is_moe:
             ignored = set(block.ffn.experts.parameters())
@@ -121,7 +121,7 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, hsdp: bool, mixed_precision
             module.set_force_sum_reduction_for_comms(True)
 
 
-def apply_ddp(model: Transformer, mesh: DeviceMesh) -> nn.Module:
+def apply_ddp(model: Transformer, mesh: ParallelMesh) -> nn.Module:
     """DDP over all ranks for every parameter except the expert DTensors, whose shards differ
     across ep ranks (finalize_grads averages them over their replicas)."""
     sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
@@ -131,4 +131,4 @@ def apply_ddp(model: Transformer, mesh: DeviceMesh) -> nn.Module:
     with warnings.catch_warnings():  # torch >= 2.10 deprecates the name, not the behaviour
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return DistributedDataParallel(model, broadcast_buffers=False,
-                                       process_group=mesh["dp"].get_group())
+                                       process_group=mesh.dp.get_group())
