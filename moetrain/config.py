@@ -183,6 +183,10 @@ class ParallelConfig:
     ep: int = 1
     data_parallel: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp; applies when world > 1
     dp_replicate: int = 1  # HSDP: replicate across this many groups, shard within each (fsdp)
+    # Gradient accumulation under FSDP: keep parameters and gradients unsharded until the last
+    # micro-batch (less communication, the memory of the unsharded model); off: reduce-scatter
+    # every micro-batch, memory stays sharded.
+    fsdp_defer_sync: bool = False
     dedup: bool = True  # send a token once per destination rank, not once per expert
     timeout_s: float = 120.0  # every process group: a failed rank never hangs the others long
 

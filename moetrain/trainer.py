@@ -183,7 +183,8 @@ class Trainer:
         for micro in range(accum):
             tokens = self.data.next_batch().to(self.device)
             # Gradients are reduced once, in the last micro-batch's backward.
-            with accumulating(self.module) if micro < accum - 1 else contextlib.nullcontext():
+            with (accumulating(self.module, cfg.parallel.fsdp_defer_sync)
+                  if micro < accum - 1 else contextlib.nullcontext()):
                 ce, aux = self.loss_on(tokens)
                 ((ce + aux) / accum).backward()
             ce_sum += ce.detach() / accum

@@ -102,7 +102,8 @@ def measure(rank: int, world: int, model_name: str, pcfg: ParallelConfig, steps:
         dist.barrier()
         start = time.perf_counter()
         for i, micro in enumerate(tokens.chunk(2)):  # two micro-batches: accumulation too
-            with accumulating(module) if i == 0 else contextlib.nullcontext():
+            with accumulating(module, pcfg.fsdp_defer_sync) if i == 0 \
+                    else contextlib.nullcontext():
                 with torch.autocast("cuda", torch.bfloat16,
                                     enabled=device.type == "cuda" and pcfg.data_parallel == "ddp"):
                     logits, aux = module(micro[:, :-1])

@@ -34,8 +34,7 @@ def export(run_dir: Path, checkpoint: Path | None, out: Path) -> Path:
         OmegaConf.structured(RunConfig), OmegaConf.load(checkpoint / "config.yaml")))
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model.to_empty(device="cpu")
-    model.init_weights()  # rope tables; every parameter is overwritten below
+    model.to_empty(device="cpu")  # no init: DCP overwrites every parameter and saved buffer
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     dcp.load(state, checkpoint_id=str(checkpoint))  # one process: full logical tensors
     out.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,13 @@ from moetrain.parallel.mesh import ParallelMesh
 
 
 @contextlib.contextmanager
-def accumulating(module: nn.Module):
-    """A micro-batch that is not the step's last: no gradient reduction, and under FSDP the
-    parameters stay unsharded until the last micro-batch's backward (no all-gather and
-    reshard per micro-batch; the unsharded gradients accumulate locally)."""
-    if isinstance(module, FSDPModule):
+def accumulating(module: nn.Module, fsdp_defer_sync: bool = False):
+    """A micro-batch that is not the step's last. DDP: no all-reduce (no_sync). FSDP: by
+    default each micro-batch's gradients are reduce-scattered into the sharded accumulators, so
+    memory stays sharded; with `fsdp_defer_sync` the parameters stay unsharded and the
+    unsharded gradients accumulate locally until the last micro-batch (no all-gather, reshard
+    or reduce-scatter per micro-batch, for the memory of the unsharded model and gradients)."""
+    if isinstance(module, FSDPModule) and fsdp_defer_sync:
         module.set_requires_gradient_sync(False)
         module.set_reshard_after_backward(False)
         try:

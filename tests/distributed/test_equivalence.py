@@ -35,6 +35,7 @@ CASES = {
         + [Case("mixtral", 1.0, ep=2, recompute=True),
            Case("deepseek", None, ep=2, data_parallel="ddp", recompute=True),
            Case("mixtral", None, ep=2, accum=2),
+           Case("mixtral", None, ep=1, accum=2, defer_sync=True),
            Case("deepseek", None, ep=1, accum=2, recompute=True),
            Case("deepseek", None, ep=2, data_parallel="ddp", accum=2),
            Case("mixtral", None, ep=2, dtype="fp64")]),
@@ -43,10 +44,10 @@ CASES = {
            for ep in (2, 4)]
         + [Case("deepseek", 1.0, ep=2, recompute=True),
            Case("mixtral_global", None, ep=4, recompute=True),
-           Case("deepseek", None, ep=2, accum=2),
+           Case("deepseek", None, ep=2, accum=2, defer_sync=True),
            Case("mixtral", 1.0, ep=4, accum=2, recompute=True),
            Case("mixtral", None, ep=2, dp_replicate=2),
-           Case("deepseek", None, ep=1, dp_replicate=2, accum=2),
+           Case("deepseek", None, ep=1, dp_replicate=2, accum=2, defer_sync=True),
            Case("deepseek", None, ep=2, dtype="fp64"),
            Case("mixtral_global", None, ep=4, dtype="fp64")]),
 }
@@ -71,6 +72,7 @@ def case_id(world_size: int, case: Case) -> str:
              f"edp{edp}", case.data_parallel]
     parts += [label for label, on in (("nodedup", not case.dedup), ("recompute", case.recompute),
                                       (f"accum{case.accum}", case.accum > 1),
+                                      ("defer-sync", case.defer_sync),
                                       (f"hsdp{case.dp_replicate}", case.dp_replicate > 1),
                                       ("fp64", case.dtype == "fp64")) if on]
     return "-".join(parts)

@@ -77,6 +77,7 @@ class Case:
     accum: int = 1  # micro-batches per rank per step
     dtype: str = "fp32"  # fp32 | fp64
     dp_replicate: int = 1  # HSDP groups
+    defer_sync: bool = False  # FSDP accumulation with unsharded parameters and gradients
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -176,7 +177,7 @@ def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
         total, step_counts = 0.0, 0
         for i, micro in enumerate(tokens.chunk(case.accum)):
             last = i == case.accum - 1
-            with contextlib.nullcontext() if last else accumulating(module):
+            with contextlib.nullcontext() if last else accumulating(module, case.defer_sync):
                 loss = lm_loss(module, micro) / case.accum
                 loss.backward()
             total += loss.detach()
