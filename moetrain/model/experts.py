@@ -101,7 +101,8 @@ class GroupedExperts(nn.Module):
         each row scaled by its gate. E_local: the experts held here (all of them in one
         process)."""
         weights = [_local(w) for w in (self.w_gate, self.w_up, self.w_down)]
-        if _use_cuda_grouped_mm(x):
+        # grouped_mm needs 16-byte aligned strides: bf16 dims that are multiples of 8
+        if _use_cuda_grouped_mm(x) and all(n % 8 == 0 for w in weights for n in w.shape[1:]):
             return _grouped_mm_experts(x, tokens_per_expert, gates, *weights)
         counts = tokens_per_expert.tolist()  # NOTE: device-to-host sync; free on CPU
         gates = gates.to(x.dtype)
@@ -117,8 +118,7 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
 def _grouped_mm_experts(x, tokens_per_expert, gates, w_gate, w_up, w_down):
     """CUDA, bf16. Offsets are the int32 cumulative counts, so the last group ends at row M
     exactly: no row is left outside a group (rows past the last offset are not written by
-    `_grouped_mm` and would carry garbage into the combine and NaN into the gradients). The
-    matmul needs 16-byte aligned strides: model.dim and moe.expert_hidden multiples of 8."""
+    `_grouped_mm` and would carry garbage into the combine and NaN into the gradients)."""
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
     xb = x.bfloat16()
 

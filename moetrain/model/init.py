@@ -39,20 +39,18 @@ def seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str) -> Non
     if local.numel() == 0:
         return
     global_shape = tuple(param.shape)
+    base = name_seed(seed, name)
     if len(global_shape) <= 1:  # one row: the whole vector
-        values = _row(generator_for(seed, name, 0), global_shape, std)
+        values = _draw(base, global_shape, std)
         local.copy_(values[offset[0]:offset[0] + local_shape[0]] if global_shape else values)
         return
-    # The columns this rank holds, for a parameter also sharded on a later dim.
-    # Row by row into the shard: the only memory beyond the shard is one row.
+    # Row by row into the shard, so the only memory beyond the shard is one row; `columns`
+    # are the ones this rank holds of a parameter also sharded on a later dim.
     columns = tuple(slice(o, o + n) for o, n in zip(offset[1:], local_shape[1:]))
     for i in range(local_shape[0]):
-        local[i].copy_(_row(generator_for(seed, name, offset[0] + i), global_shape[1:], std)[columns])
+        local[i].copy_(_draw(base + offset[0] + i, global_shape[1:], std)[columns])
 
 
-def generator_for(seed: int, name: str, row: int) -> torch.Generator:
-    return torch.Generator().manual_seed((name_seed(seed, name) + row) % 2**63)
-
-
-def _row(generator: torch.Generator, shape, std: float) -> torch.Tensor:
+def _draw(seed: int, shape, std: float) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed % 2**63)
     return torch.empty(shape).normal_(0.0, std, generator=generator)

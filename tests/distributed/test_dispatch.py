@@ -1,0 +1,84 @@
+"""The all-to-all dispatcher on its own, against the single-process permutation.
+
+Every rank routes its own tokens to random experts; a stand-in expert (row * gate * (global
+expert id + 1)) runs on the rows each dispatcher hands over. The exchanged run must give each
+rank the output, the gradients of its tokens and gates, and the per-expert counts of the local
+run, with and without dedup, for token-choice (k per token) and uneven assignments.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moetrain.model.moe import LocalDispatcher
+from moetrain.parallel.dispatch import AllToAllDispatcher
+from tests.distributed.launcher import run_distributed
+
+E, N, D, K = 8, 12, 4, 3
+
+
+def stand_in_experts(dispatched, first_expert: int) -> torch.Tensor:
+    """Scale each row by its gate and by (global expert id + 1): wrong rows, wrong experts or
+    wrong gates all change the result."""
+    local_ids = torch.repeat_interleave(torch.arange(len(dispatched.tokens_per_expert)),
+                                        dispatched.tokens_per_expert)
+    scale = (first_expert + local_ids + 1).to(dispatched.expert_input.dtype)
+    return dispatched.expert_input * (dispatched.gates * scale)[:, None]
+
+
+def routed(rank: int, drop_every: int):
+    """This rank's tokens and assignments (k per token, some dropped for uneven counts)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    expert_ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).reshape(-1)
+    token_ids = torch.arange(N).repeat_interleave(K)
+    weights = torch.rand(N * K, generator=g, requires_grad=True)
+    keep = torch.arange(N * K) % drop_every != 0 if drop_every else torch.ones(N * K, dtype=bool)
+    return x, token_ids[keep], expert_ids[keep], weights, keep
+
+
+def exchange(rank, world, dedup: bool, drop_every: int) -> dict:
+    results = {}
+    for name in ("local", "all_to_all"):
+        x, token_ids, expert_ids, weights, keep = routed(rank, drop_every)
+        if name == "local":
+            dispatcher, first = LocalDispatcher(E), 0
+        else:
+            dispatcher = AllToAllDispatcher(dist.group.WORLD, E // world, dedup)
+            first = rank * (E // world)
+        dispatched = dispatcher.dispatch(x, token_ids, expert_ids, weights[keep])
+        out = dispatcher.combine(stand_in_experts(dispatched, first), dispatched)
+        (out * torch.arange(1.0, D + 1)).sum().backward()
+        counts = dispatched.tokens_per_expert
+        if name == "all_to_all":  # every rank's view of the global counts
+            parts = [torch.empty_like(counts) for _ in range(world)]
+            dist.all_gather(parts, counts)
+            counts = torch.cat(parts)
+        else:
+            total = counts.clone()
+            dist.all_reduce(total)
+            counts = total
+        results[name] = {"out": out.detach(), "grad_x": x.grad, "grad_w": weights.grad,
+                         "counts": counts}
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def results(dedup, drop_every):
+    return run_distributed(exchange, 2, dedup, drop_every)
+
+
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "nodedup"])
+@pytest.mark.parametrize("drop_every", [0, 4], ids=["k3", "uneven"])
+def test_all_to_all_dispatch_and_combine_equal_the_local_permutation(dedup, drop_every):
+    for rank, r in enumerate(results(dedup, drop_every)):
+        local, exchanged = r["local"], r["all_to_all"]
+        assert torch.equal(exchanged["counts"], local["counts"]), f"rank {rank} counts"
+        for key in ("out", "grad_x", "grad_w"):
+            torch.testing.assert_close(exchanged[key], local[key], rtol=1e-6, atol=1e-7,
+                                       msg=f"rank {rank} {key}")
+        assert local["out"].abs().sum() > 0 and local["grad_w"].abs().sum() > 0

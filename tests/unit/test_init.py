@@ -1,0 +1,50 @@
+"""Layout-free initialisation: values depend on (seed, parameter name, row) only. That every
+sharded layout draws exactly one process's values is checked by the equivalence gate."""
+
+import dataclasses
+
+import torch
+
+from moetrain.config import ModelConfig, MoEConfig
+from moetrain.model import Transformer
+
+CFG = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, first_k_dense=1,
+                  moe=MoEConfig(router="sigmoid", num_experts=8, top_k=2, expert_hidden=16,
+                                n_shared_experts=1))
+
+
+def initialised(cfg, seed):
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    return model.state_dict()
+
+
+def test_init_is_a_function_of_seed_and_name():
+    a, b, c = initialised(CFG, 3), initialised(CFG, 3), initialised(CFG, 4)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    weights = [k for k in a if k.endswith(("weight", "w_gate", "w_up", "w_down"))
+               and "norm" not in k]
+    assert all(not torch.equal(a[k], c[k]) for k in weights)
+    # a deeper model shares the values of every parameter the two have in common
+    deeper = initialised(dataclasses.replace(CFG, n_layers=5), 3)
+    for key in a:
+        assert torch.equal(a[key], deeper[key]), key
+
+
+def test_init_statistics_and_constants():
+    state = initialised(CFG, 0)
+    for key, value in state.items():
+        if "norm" in key:
+            assert torch.equal(value, torch.ones_like(value)), key
+        elif key.endswith("expert_bias"):
+            assert torch.equal(value, torch.zeros_like(value)), key
+        else:
+            n = value.numel()  # 5 standard errors of the sample's std and mean
+            assert abs(value.std().item() / CFG.init_std - 1) < 5 / (2 * n) ** 0.5, key
+            assert abs(value.mean().item()) < 5 * CFG.init_std / n ** 0.5, key
+    # rows of one parameter are independent draws, not copies
+    experts = state["layers.1.ffn.experts.w_up"]
+    assert not torch.equal(experts[0], experts[1])
