@@ -27,9 +27,9 @@ from moetrain.model import Transformer, num_params
 from moetrain.model.balance import pop_step_loads, update_expert_bias
 from moetrain.monitor import CollapseDetector, expert_load_record
 from moetrain.optim import build_optimizer
-from moetrain.parallel.memory import format_bytes, state_bytes_per_rank
 from moetrain.parallel import (accumulating, all_reduce_sum, build_mesh, clip_grad_norm_,
                                finalize_grads, init_distributed, parallelize)
+from moetrain.parallel.memory import format_bytes, state_bytes_per_rank
 
 
 class TrainingStopped(RuntimeError):
@@ -182,7 +182,8 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             tokens = self.data.next_batch().to(self.device)
-            # Gradients are reduced once, in the last micro-batch's backward.
+            # DDP (and FSDP with parallel.fsdp_defer_sync) reduces gradients once, in the last
+            # micro-batch's backward; FSDP otherwise reduce-scatters after each one.
             with (accumulating(self.module, cfg.parallel.fsdp_defer_sync)
                   if micro < accum - 1 else contextlib.nullcontext()):
                 ce, aux = self.loss_on(tokens)

@@ -9,6 +9,10 @@ the largest over ranks:
   state    bytes of this rank's parameters + gradients + AdamW state after a step
   built    resident memory added by building and initialising the model (CUDA: allocated)
   peak     the high-water mark of resident memory over building and training (CUDA: allocated)
+With --allocator exact (the default) the ranks fix glibc's mmap threshold at 64 KiB
+(MALLOC_MMAP_THRESHOLD_), so freed tensors go back to the OS and resident memory follows the
+live tensors: otherwise the heaps of gloo's threads keep freed blocks and resident memory grows
+with every collective's buffers. That costs speed: take tokens/s from --allocator default.
   tok/s    tokens per second of all ranks together, median over the timed steps
 Ratios are to world 1 in the same run. Every figure is measured, none estimated.
 """
@@ -135,6 +139,10 @@ def measure(rank: int, world: int, model_name: str, pcfg: ParallelConfig, steps:
 def run_layout(world: int, pcfg: ParallelConfig, args) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if args.allocator == "exact":
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+        else:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
         mp.spawn(measure, args=(world, args.model, pcfg, args.steps, args.micro_batch,
                                 args.seq_len, out_dir), nprocs=world, join=True)
         per_rank = torch.load(Path(out_dir) / "figures.pt")
@@ -154,16 +162,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deepseek_small", help="a configs/model/ name")
     parser.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 4])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="the first is not timed")
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--allocator", choices=("exact", "default"), default="exact",
+                        help="exact: memory figures follow live tensors (slower); default: "
+                             "glibc's usual allocator, for tokens/s")
+    parser.add_argument("--fsdp-defer-sync", action="store_true",
+                        help="FSDP keeps parameters and gradients unsharded between the two "
+                             "micro-batches (parallel.fsdp_defer_sync)")
     args = parser.parse_args()
     cfg = model_config(args.model)
     with torch.device("meta"):
         total = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"model={args.model}: {total / 1e6:.1f}M parameters; per rank 2 micro-batches of "
           f"{args.micro_batch} x {args.seq_len} tokens per step; figures are the largest over "
-          "ranks", flush=True)
+          f"ranks; allocator {args.allocator}"
+          + ("; fsdp_defer_sync" if args.fsdp_defer_sync else ""), flush=True)
     layouts = []
     for world in args.worlds:
         if world == 1:
@@ -171,7 +186,8 @@ def main():
             continue
         for data_parallel in ("ddp", "fsdp"):
             for ep in sorted({1, 2, world}):
-                layouts.append((world, ParallelConfig(ep=ep, data_parallel=data_parallel)))
+                layouts.append((world, ParallelConfig(
+                    ep=ep, data_parallel=data_parallel, fsdp_defer_sync=args.fsdp_defer_sync)))
     base = None
     header = (f"{'layout':<24}{'state/rank':>12}{'ratio':>7}{'built':>12}{'ratio':>7}"
               f"{'peak':>12}{'ratio':>7}{'tokens/s':>10}")

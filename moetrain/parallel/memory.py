@@ -38,11 +38,13 @@ def state_bytes_per_rank(model: Transformer, cfg: ParallelConfig, world: int) ->
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    raise AssertionError
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
 
 
 def resident_bytes() -> int:

@@ -1,7 +1,7 @@
 """Building on the meta device and materialising only this rank's shards: the peak resident
 memory of building a model stays within the rank's shard plus a small constant, well below
-the whole model. (That the values equal one process's init bit for bit is checked for every
-layout of the equivalence gate.)"""
+the whole model, and the shard is the size dry_run reports. (That the values equal one
+process's init bit for bit is checked for every layout of the equivalence gate.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from torch.distributed.tensor import DTensor
 from moetrain.config import ModelConfig, MoEConfig, ParallelConfig
 from moetrain.model import Transformer
 from moetrain.parallel import build_mesh, parallelize
-from moetrain.parallel.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
+from moetrain.parallel.memory import (peak_resident_bytes, reset_peak_resident, resident_bytes,
+                                      state_bytes_per_rank)
 from tests.distributed.launcher import run_distributed
 
 MiB = 2**20
@@ -40,13 +41,17 @@ def build(rank, world_size, pcfg: ParallelConfig) -> dict:
     local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes
                 for p in model.parameters())
     whole = sum(p.numel() * p.dtype.itemsize for p in model.parameters())
-    return {"peak": peak - before, "after": after - before, "shard": local, "whole": whole}
+    with torch.device("meta"):  # what dry_run prints for this layout
+        estimate = state_bytes_per_rank(Transformer(CFG), pcfg, world_size)["parameters"]
+    return {"peak": peak - before, "after": after - before, "shard": local, "whole": whole,
+            "estimate": estimate}
 
 
 @pytest.mark.parametrize("world,ep", [(4, 4), (4, 2), (2, 1)], ids=["w4-ep4", "w4-ep2-edp2",
                                                                    "w2-ep1"])
 def test_building_allocates_only_the_local_shard(world, ep):
     results = run_distributed(build, world, ParallelConfig(ep=ep, data_parallel="fsdp"))
+    assert max(r["shard"] for r in results) == results[0]["estimate"]  # dry_run's bytes
     for rank, r in enumerate(results):
         assert r["whole"] > r["shard"] * world * 0.9  # the shards do add up to the model
         assert r["whole"] > r["shard"] + 2 * SLACK  # so building it whole would fail below
