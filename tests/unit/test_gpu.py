@@ -1,4 +1,5 @@
-"""The CUDA paths (grouped_mm in bf16, autocast). Skipped cleanly without a GPU."""
+"""The CUDA paths (grouped_mm in bf16, autocast, FSDP mixed precision). Skipped cleanly
+without a GPU; none of them has run yet (no GPU so far)."""
 
 import pytest
 import torch
@@ -32,3 +33,47 @@ def test_moe_layer_trains_under_bf16_autocast():
         out, aux = moe(x)
     (out.float().sum() + aux).backward()
     assert torch.isfinite(x.grad).all() and moe.experts.w_gate.grad.abs().sum() > 0
+
+
+def test_fsdp_bf16_mixed_precision_keeps_fp32_master_weights(monkeypatch):
+    """FSDP2's bf16 policy on one NCCL rank, built on the meta device: logits within bf16
+    tolerance of the fp32 model with the same seed; parameters and gradients stay fp32."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    from moetrain.config import ModelConfig, ParallelConfig
+    from moetrain.model import Transformer
+    from moetrain.parallel import build_mesh, init_distributed
+    from moetrain.parallel.parallelize import apply_fsdp
+    from tests.distributed.launcher import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    init_distributed(60)
+    try:
+        cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, max_seq_len=32,
+                          moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=64))
+        reference = Transformer(cfg)
+        reference.init_weights(0)
+        reference.cuda()
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        apply_fsdp(model, build_mesh(ParallelConfig(), 8), mixed_precision=True)
+        model.to_empty(device="cuda")
+        model.init_weights(0)
+        tokens = torch.randint(0, 64, (2, 33), device="cuda")
+        logits, aux = model(tokens[:, :-1])
+        assert logits.dtype == torch.bfloat16
+        with torch.no_grad():
+            expected, _ = reference(tokens[:, :-1])
+        torch.testing.assert_close(logits.float(), expected, rtol=5e-2, atol=5e-2)
+        (F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + aux).backward()
+        for name, p in model.named_parameters():
+            assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            assert torch.isfinite(grad).all(), name
+    finally:
+        dist.destroy_process_group()
