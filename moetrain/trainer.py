@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moetrain.checkpoint import Checkpointer, resolve_resume
 from moetrain.config import RunConfig
 from moetrain.data.loader import build_data
 from moetrain.loggers import RunLogger
+from moetrain.loss import next_token_loss
 from moetrain.model import Transformer, num_params
 from moetrain.model.balance import pop_step_loads, update_expert_bias
 from moetrain.monitor import CollapseDetector, expert_load_record
@@ -171,9 +171,7 @@ class Trainer:
         """tokens (B, T + 1) -> (cross-entropy, aux loss)."""
         with self._autocast():
             logits, aux = self.module(tokens[:, :-1])
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                             tokens[:, 1:].reshape(-1))
-        return ce, aux
+        return next_token_loss(logits, tokens), aux
 
     def train_step(self) -> dict:
         cfg = self.cfg

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 
 from moetrain.config import ModelConfig, ParallelConfig
+from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 from moetrain.parallel import (accumulating, build_mesh, clip_grad_norm_, finalize_grads,
                                init_distributed, parallelize)
@@ -111,8 +111,7 @@ def measure(rank: int, world: int, model_name: str, pcfg: ParallelConfig, steps:
                 with torch.autocast("cuda", torch.bfloat16,
                                     enabled=device.type == "cuda" and pcfg.data_parallel == "ddp"):
                     logits, aux = module(micro[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten())
-                ((loss + aux) / 2).backward()
+                ((next_token_loss(logits, micro) + aux) / 2).backward()
         finalize_grads(model, mesh)
         clip_grad_norm_(model, 1.0)
         optimizer.step()

@@ -17,9 +17,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moetrain.config import BalanceConfig, ModelConfig, MoEConfig
+from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 
 CONFIGS = {
@@ -39,8 +39,7 @@ CONFIGS = {
 def step(model, tokens, device):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits, aux = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                           tokens[:, 1:].reshape(-1)) + aux
+    loss = next_token_loss(logits, tokens) + aux
     loss.backward()
 
 

@@ -7,9 +7,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moetrain.config import ModelConfig, MoEConfig, ParallelConfig
+from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 from moetrain.parallel import build_mesh, finalize_grads, init_distributed, parallelize
 
@@ -31,7 +31,7 @@ def main(mode: str, timeout_s: float) -> None:
             time.sleep(3600)  # a stuck rank: the others must give up after the group timeout
         tokens = torch.randint(0, 32, (2, 9))
         logits, aux = module(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1)) + aux
+        loss = next_token_loss(logits, tokens) + aux
         opt.zero_grad()
         loss.backward()
         finalize_grads(model, mesh)

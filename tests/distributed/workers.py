@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfig
+from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 from moetrain.model.balance import pop_step_loads, update_expert_bias
 from moetrain.parallel import (accumulating, all_reduce_sum, build_mesh, clip_grad_norm_,
@@ -52,8 +52,7 @@ def global_batch() -> torch.Tensor:
 
 def lm_loss(module, tokens):
     logits, aux = module(tokens[:, :-1])
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    return ce + aux
+    return next_token_loss(logits, tokens) + aux
 
 
 def layer_counts(model) -> torch.Tensor:

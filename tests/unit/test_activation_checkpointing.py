@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moetrain.config import BalanceConfig, LoopConfig, MoEConfig
+from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 from moetrain.model.balance import pop_step_loads
 from tests.unit.test_transformer import FAMILIES
@@ -37,7 +37,7 @@ def build(name: str, checkpointed: bool) -> Transformer:
 def forward_backward(model, tokens, seed=1) -> torch.Tensor:
     torch.manual_seed(seed)
     logits, aux = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    loss = next_token_loss(logits, tokens)
     (loss + aux).backward()
     return (loss + aux).detach()
 

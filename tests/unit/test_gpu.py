@@ -39,10 +39,10 @@ def test_fsdp_bf16_mixed_precision_keeps_fp32_master_weights(monkeypatch):
     """FSDP2's bf16 policy on one NCCL rank, built on the meta device: logits within bf16
     tolerance of the fp32 model with the same seed; parameters and gradients stay fp32."""
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.distributed.tensor import DTensor
 
     from moetrain.config import ModelConfig, ParallelConfig
+    from moetrain.loss import next_token_loss
     from moetrain.model import Transformer
     from moetrain.parallel import build_mesh, init_distributed
     from moetrain.parallel.parallelize import apply_fsdp
@@ -70,7 +70,7 @@ def test_fsdp_bf16_mixed_precision_keeps_fp32_master_weights(monkeypatch):
         with torch.no_grad():
             expected, _ = reference(tokens[:, :-1])
         torch.testing.assert_close(logits.float(), expected, rtol=5e-2, atol=5e-2)
-        (F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + aux).backward()
+        (next_token_loss(logits, tokens) + aux).backward()
         for name, p in model.named_parameters():
             assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
             grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
