@@ -58,3 +58,32 @@ def test_valid_configs_pass():
                         n_shared_experts=1),
           balance=BalanceConfig(aux_free=True, aux_loss="sequence")).validate()
     ModelConfig(moe=None).validate()
+
+
+PARALLEL_INVALID = [
+    (dict(data_parallel="zero3"), 4, "parallel.data_parallel='zero3' is not one of fsdp, ddp"),
+    (dict(dp_replicate=3), 4, "parallel.dp_replicate=3 does not divide the world size 4; "
+                              "valid: [1, 2, 4]"),
+    (dict(dp_replicate=2, data_parallel="ddp"), 4, "parallel.dp_replicate=2 (HSDP) needs "
+                                                   "parallel.data_parallel=fsdp, not 'ddp'"),
+    (dict(dp_replicate=4), 4, "parallel.dp_replicate=4 leaves one rank per shard group"),
+    (dict(dp_replicate=2, ep=3), 8, "parallel.ep=3 does not divide the 4 ranks of a shard "
+                                    "group (world 8 / parallel.dp_replicate=2); valid: [1, 2, 4]"),
+    (dict(ep=0), 4, "parallel.ep=0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("kwargs,world,message", PARALLEL_INVALID,
+                         ids=[m[:40] for _, _, m in PARALLEL_INVALID])
+def test_invalid_layout_raises_one_line_naming_the_value(kwargs, world, message):
+    from moetrain.config import ParallelConfig
+    with pytest.raises(ValueError) as info:
+        ParallelConfig(**kwargs).validate(world, 8)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_valid_layouts_pass():
+    from moetrain.config import ParallelConfig
+    ParallelConfig(ep=2, dp_replicate=2).validate(8, 8)  # HSDP 2 x 4, ep within a group
+    ParallelConfig(ep=4, data_parallel="ddp").validate(4, 8)
