@@ -26,9 +26,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # at least fp32: bf16 squares lose too much; fp64 models stay fp64
         x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -89,12 +86,6 @@ class Block(nn.Module):
         # Activation checkpointing: keep only the block's input, recompute the rest in backward
         # (Transformer.checkpoint_activations turns it on).
         self.checkpoint_activations = False
-
-    def init_weights(self, std: float) -> None:
-        self.attn_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attn.init_weights(std)
-        self.ffn.init_weights(std)
 
     def forward(self, x, cos, sin):
         if self.checkpoint_activations and torch.is_grad_enabled():

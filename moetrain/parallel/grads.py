@@ -91,7 +91,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
         for group in groups:
             dist.all_reduce(square, group=group)
         total = total + square.double()
-    total_norm = total.sqrt()  # fp64: the sum over shards must not depend on the layout
+    total_norm = total.sqrt()  # kinds of sharding summed in fp64
     clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(clip_coef.to(g.dtype))
