@@ -32,8 +32,8 @@ def run_config(run_dir, family, world, ep, steps=10, data_parallel="fsdp", dp_re
     train = dict(steps=steps, micro_batch_size=GLOBAL_BATCH // world, log_every=1, val_every=0)
     train.update(extra.pop("train", {}))
     return RunConfig(
-        run_dir=str(run_dir), model=model_config(family), parallel=ParallelConfig(ep=ep, data_parallel=data_parallel,
-                                                         dp_replicate=dp_replicate),
+        run_dir=str(run_dir), model=model_config(family),
+        parallel=ParallelConfig(ep=ep, data_parallel=data_parallel, dp_replicate=dp_replicate),
         data=DataConfig(synthetic_docs=400, synthetic_val_docs=20, seq_len=16),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
         train=LoopConfig(**train),
