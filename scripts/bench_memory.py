@@ -91,9 +91,10 @@ def measure(rank: int, world: int, model_name: str, pcfg: ParallelConfig, steps:
     base = memory.reset()
     with torch.device("meta"):
         model = Transformer(cfg)
-    module = parallelize(model, mesh, pcfg, device=device, seed=0,
-                         mixed_precision=device.type == "cuda" and world > 1
-                         and pcfg.data_parallel == "fsdp")
+    # bf16 on CUDA as the trainer does: FSDP's policy, else autocast (one process, DDP)
+    fsdp_bf16 = device.type == "cuda" and world > 1 and pcfg.data_parallel == "fsdp"
+    autocast = device.type == "cuda" and not fsdp_bf16
+    module = parallelize(model, mesh, pcfg, device=device, seed=0, mixed_precision=fsdp_bf16)
     built = memory.now() - base
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(rank)
@@ -108,8 +109,7 @@ def measure(rank: int, world: int, model_name: str, pcfg: ParallelConfig, steps:
         for i, micro in enumerate(tokens.chunk(2)):  # two micro-batches: accumulation too
             with accumulating(module, pcfg.fsdp_defer_sync) if i == 0 \
                     else contextlib.nullcontext():
-                with torch.autocast("cuda", torch.bfloat16,
-                                    enabled=device.type == "cuda" and pcfg.data_parallel == "ddp"):
+                with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
                     logits, aux = module(micro[:, :-1])
                 ((next_token_loss(logits, micro) + aux) / 2).backward()
         finalize_grads(model, mesh)
