@@ -65,6 +65,48 @@ def resolve_resume(resume: str | None, run_dir: Path, field: str = "resume") -> 
     return path
 
 
+def find_checkpoint(path: str | Path, field: str = "checkpoint") -> Path:
+    """A checkpoint directory as given, or the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    found = complete_checkpoints(checkpoint_dir(path), warn=False) if path.is_dir() else []
+    if not found:
+        raise ValueError(f"{field}={str(path)!r} is neither a checkpoint directory (with DCP "
+                         f".metadata) nor a run directory with a complete checkpoint under "
+                         f"checkpoints/")
+    return found[-1]
+
+
+def load_run_config(checkpoint: Path):
+    """The resolved RunConfig saved beside a checkpoint."""
+    from omegaconf import OmegaConf
+
+    from moetrain.config import RunConfig
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
+                                               OmegaConf.load(Path(checkpoint) / "config.yaml")))
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode with full tensors, RunConfig) in this one process, from a run or
+    checkpoint directory written by any layout, or from `hf:DIR` (a transformers checkpoint).
+    Built on the meta device and never initialised: every parameter and buffer is loaded."""
+    from moetrain.model import Transformer
+    if str(source).startswith("hf:"):
+        from moetrain.hf import load_hf_model
+        model, cfg = load_hf_model(str(source)[3:], device=device)
+        return model.eval(), cfg
+    checkpoint = find_checkpoint(source)
+    cfg = load_run_config(checkpoint)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    model.init_buffers()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    Checkpointer._load_strict(state, checkpoint, prefix="model.")
+    return model.eval(), cfg
+
+
 class Checkpointer:
     def __init__(self, trainer):
         self.trainer = trainer

@@ -138,18 +138,26 @@ class Transformer(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         cfg = self.cfg
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.init_buffers()
         for name, param in self.named_parameters():
             if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
                 param.fill_(1.0)
             else:
                 seeded_normal_(param, cfg.init_std, seed, name)
         for moe in self.moe_layers():
-            moe.step_tokens_per_expert.zero_()
             if hasattr(moe.router, "expert_bias"):
                 moe.router.expert_bias.zero_()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the buffers no checkpoint holds (rotary tables, per-step load counts): after
+        `to_empty`, when the weights come from a checkpoint instead of `init_weights`."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for moe in self.moe_layers():
+            moe.step_tokens_per_expert.zero_()
 
     def checkpoint_activations(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of keeping its activations: activation
