@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 ROUTERS = ("softmax_topk", "sigmoid", "top1", "expert_choice")
 AUX_LOSSES = ("none", "switch", "sequence")
 AUX_LOSS_STATS = ("micro_batch", "global_batch")
+SEQ_AUX_COUNTS = ("routed", "raw_topk")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -27,6 +28,10 @@ class BalanceConfig:
     # micro_batch: f_i from this rank's tokens; global_batch: f_i all-reduced over data-parallel
     # ranks (the reduce is installed by moetrain.parallel; in one process both are the same).
     aux_loss_stats: str = "micro_batch"
+    # Which selections f_i counts in the sequence-wise loss: `routed`, the experts each token
+    # is actually sent to (selected with the aux-free bias and within the kept groups);
+    # `raw_topk`, the top-k of the raw affinities, bias and groups ignored (the paper's eq. 18).
+    seq_aux_counts: str = "routed"
     z_loss_coef: float = 0.0
     aux_free: bool = False  # DeepSeek-V3 bias balancing, updated after each optimizer step
     bias_update_rate: float = 1e-3  # gamma
@@ -38,6 +43,9 @@ class BalanceConfig:
         _check(self.aux_loss_stats in AUX_LOSS_STATS,
                f"balance.aux_loss_stats={self.aux_loss_stats!r} is not one of "
                f"{', '.join(AUX_LOSS_STATS)}")
+        _check(self.seq_aux_counts in SEQ_AUX_COUNTS,
+               f"balance.seq_aux_counts={self.seq_aux_counts!r} is not one of "
+               f"{', '.join(SEQ_AUX_COUNTS)}")
         _check(self.aux_loss_coef >= 0,
                f"balance.aux_loss_coef={self.aux_loss_coef} must be >= 0")
         _check(self.z_loss_coef >= 0, f"balance.z_loss_coef={self.z_loss_coef} must be >= 0")
@@ -57,7 +65,9 @@ class MoEConfig:
     expert_hidden: int = 256
     router: str = "softmax_topk"  # softmax_topk | sigmoid | top1 | expert_choice
     norm_topk_prob: bool = True  # renormalise the k gate weights to sum to 1
-    route_scale: float = 1.0  # DeepSeek-V3 multiplies the (normalised) gates by this
+    # Every router's gate weights are multiplied by this (after any normalisation), as
+    # DeepSeek-V3 (sigmoid) and DeepSeek-V2 (softmax) do.
+    route_scale: float = 1.0
     n_groups: int = 1  # group-limited routing (sigmoid router): experts split into groups
     topk_groups: int = 1  # groups kept per token
     n_shared_experts: int = 0

@@ -166,10 +166,13 @@ class MoE(nn.Module):
                 counts = self.stats_reduce(counts.float())
             aux_loss = balance.switch_aux_loss(route.probs, counts)
         elif bal.aux_loss == "sequence":
-            E = self.cfg.num_experts
+            E, k = self.cfg.num_experts, route.top_k
+            if bal.seq_aux_counts == "raw_topk":  # eq. 18: top-k of the affinities alone
+                selected = route.probs.detach().topk(k, dim=-1).indices
+            else:  # the experts the tokens went to
+                selected = route.expert_ids
             aux_loss = balance.sequence_aux_loss(route.probs.view(B, T, E),
-                                                 route.expert_ids.view(B, T, route.top_k),
-                                                 route.top_k)
+                                                 selected.reshape(B, T, k), k)
         if bal.z_loss_coef > 0:
             z_loss = balance.router_z_loss(route.logits)
         return aux_loss, z_loss

@@ -120,6 +120,8 @@ class Router(nn.Module):
         if cfg.router == "expert_choice":
             capacity = expert_choice_capacity(N, cfg)
             token_ids, expert_ids, weights, probs = expert_choice(logits, capacity)
+            if cfg.route_scale != 1.0:
+                weights = weights * cfg.route_scale
             return RouterOutput(token_ids, expert_ids, weights, logits, probs, top_k=0)
         if cfg.router == "sigmoid":
             topk_ids, topk_weights, probs = sigmoid_topk(
@@ -128,6 +130,8 @@ class Router(nn.Module):
         else:  # softmax_topk, or top1 = Switch: the raw probability, never renormalised
             normalize = cfg.norm_topk_prob and cfg.router == "softmax_topk"
             topk_ids, topk_weights, probs = softmax_topk(logits, cfg.top_k, normalize)
+            if cfg.route_scale != 1.0:  # as DeepSeek-V2's softmax router scales its gates
+                topk_weights = topk_weights * cfg.route_scale
         k = cfg.top_k
         token_ids = torch.arange(N, device=x.device).repeat_interleave(k)  # (N * k,)
         return RouterOutput(token_ids, topk_ids.reshape(-1), topk_weights.reshape(-1), logits,

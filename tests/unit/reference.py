@@ -28,7 +28,7 @@ def naive_route_token(logits_t: torch.Tensor, cfg, bias: torch.Tensor | None):
         if cfg.router == "softmax_topk" and cfg.norm_topk_prob:
             norm = sum(gates)
             gates = [g / norm for g in gates]
-        return list(zip(chosen, gates))
+        return [(e, g * cfg.route_scale) for e, g in zip(chosen, gates)]
     assert cfg.router == "sigmoid"
     scores = [1 / (1 + torch.exp(-logits_t[e])) for e in range(E)]
     selection = [scores[e].item() + bias[e].item() for e in range(E)]
@@ -63,7 +63,7 @@ def naive_assignments(moe, x: torch.Tensor):
         out = []
         for e in range(cfg.num_experts):
             ranked = sorted(range(N), key=lambda t: -probs[t][e].item())[:C]
-            out += [(t, e, probs[t][e]) for t in ranked]
+            out += [(t, e, probs[t][e] * cfg.route_scale) for t in ranked]
         return out
     out = []
     for t in range(N):

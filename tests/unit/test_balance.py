@@ -5,6 +5,7 @@ import torch
 from moetrain.config import BalanceConfig, MoEConfig
 from moetrain.model import balance
 from moetrain.model.moe import MoE
+from tests.unit.reference import naive_route_token
 
 
 def test_switch_loss_hand_computed_and_minimal_at_uniform():
@@ -50,6 +51,46 @@ def test_load_metrics():
     torch.testing.assert_close(m["max_violation"], torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(m["entropy"], torch.tensor([1.0, 0.5]))
     assert m["dead_experts"].tolist() == [0, 2]
+
+
+def _naive_sequence_loss(moe, x, counts):
+    """Per sequence, from the formulas: f_i = E/(kT) * #tokens choosing i, with `choosing` the
+    routed experts (bias and groups included) or the top-k of the raw scores (eq. 18)."""
+    cfg = moe.cfg
+    E, k = cfg.num_experts, cfg.top_k
+    total = 0.0
+    for seq in x:
+        scores = torch.sigmoid(seq.double() @ moe.router.weight.double().t())  # (T, E)
+        normed = scores / scores.sum(-1, keepdim=True)
+        f = torch.zeros(E, dtype=torch.float64)
+        for t in range(seq.shape[0]):
+            if counts == "raw_topk":
+                chosen = sorted(range(E), key=lambda e: -scores[t, e].item())[:k]
+            else:
+                chosen = [e for e, _ in naive_route_token(seq[t] @ moe.router.weight.t(), cfg,
+                                                          moe.router.expert_bias)]
+            for e in chosen:
+                f[e] += E / (k * seq.shape[0])
+        total += (f * normed.mean(0)).sum().item()
+    return total / x.shape[0]
+
+
+def test_sequence_loss_counts_routed_or_raw_topk_experts():
+    torch.manual_seed(0)
+    cfg = MoEConfig(router="sigmoid", num_experts=8, top_k=2, expert_hidden=8, n_groups=4,
+                    topk_groups=2)
+    x = torch.randn(3, 6, 8)
+    losses = {}
+    for counts in ("routed", "raw_topk"):
+        bal = BalanceConfig(aux_loss="sequence", aux_loss_coef=1.0, seq_aux_counts=counts)
+        moe = MoE(8, cfg, bal)
+        torch.manual_seed(1)
+        moe.init_weights(0.5)
+        moe.router.expert_bias.copy_(torch.tensor([0.3, 0, 0, 0, 0, 0, 0, -0.3]))
+        _, total = moe(x)
+        losses[counts] = total.item()
+        assert math.isclose(total.item(), _naive_sequence_loss(moe, x, counts), rel_tol=1e-5)
+    assert abs(losses["routed"] - losses["raw_topk"]) > 1e-3  # the bias moved selections
 
 
 def test_moe_layer_reports_weighted_losses():

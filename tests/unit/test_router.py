@@ -21,6 +21,9 @@ ROUTER_CASES = {
     "softmax_no_renorm": dict(num_experts=8, top_k=3, router="softmax_topk",
                               norm_topk_prob=False),
     "switch_top1": dict(num_experts=8, top_k=1, router="top1"),
+    # DeepSeek-V2: a softmax router whose gates are scaled
+    "softmax_scaled": dict(num_experts=8, top_k=3, router="softmax_topk", route_scale=1.7),
+    "switch_scaled": dict(num_experts=8, top_k=1, router="top1", route_scale=0.5),
     "deepseek_flat": dict(num_experts=16, top_k=4, router="sigmoid", route_scale=2.5),
     "deepseek_grouped": dict(num_experts=32, top_k=8, router="sigmoid", n_groups=8,
                              topk_groups=3, route_scale=2.5),
@@ -52,7 +55,8 @@ def test_router_matches_per_token_formula(case):
 
 
 def test_expert_choice_matches_per_expert_formula():
-    router = make_router(num_experts=4, top_k=2, router="expert_choice", capacity_factor=1.5)
+    router = make_router(num_experts=4, top_k=2, router="expert_choice", capacity_factor=1.5,
+                         route_scale=1.3)
     x = torch.randn(20, 16)
     out = router(x)
     assert out.expert_ids.numel() == 4 * 15  # C = ceil(1.5 * 20 * 2 / 4)
