@@ -15,9 +15,11 @@ mid-save leaves the previous checkpoint intact and a partial one is never loaded
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +65,17 @@ def resolve_resume(resume: str | None, run_dir: Path, field: str = "resume") -> 
         raise ValueError(f"{field}={resume!r} is not a complete checkpoint directory (no DCP "
                          ".metadata); use 'auto' or a checkpoints/step_XXXXXXXX path")
     return path
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """Without a process group DCP warns that it saves or loads in one process: that is the
+    intent whenever moetrain runs without one."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled",
+                                    category=UserWarning)
+        yield
 
 
 def find_checkpoint(path: str | Path, field: str = "checkpoint") -> Path:
@@ -157,7 +170,8 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self._barrier()
-        dcp.save(self._tensor_state(), checkpoint_id=str(tmp))
+        with _one_process_quiet():
+            dcp.save(self._tensor_state(), checkpoint_id=str(tmp))
         torch.save(self._extra_state(), tmp / f"extra_rank{t.rank}.pt")
         self._barrier()  # every rank's files are in place
         if t.rank == 0:
@@ -188,7 +202,8 @@ class Checkpointer:
             raise ValueError(f"checkpoint {path} does not match this model: missing keys "
                              f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                              f"keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        dcp.load(state, checkpoint_id=str(path))
+        with _one_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
 
     def load_weights(self, path: Path) -> None:
         """Model weights and buffers (expert bias included) only, for a new run (init_from):

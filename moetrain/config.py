@@ -395,7 +395,9 @@ class RunConfig:
     run_dir: str | None = None  # None: runs/<name>-<timestamp>, chosen on rank 0
     dry_run: bool = False  # build on the meta device, print sizes and layout, exit
     resume: str | None = None  # auto: newest complete checkpoint of run_dir; or a path
-    init_from: str | None = None  # a checkpoint to take model weights from (fine-tuning)
+    # Model weights to start from (fine-tuning): a moetrain checkpoint, or hf:DIR, a local
+    # transformers checkpoint whose config.json also sets the model's architecture.
+    init_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)

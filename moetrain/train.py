@@ -26,13 +26,15 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
-    from moetrain.trainer import Trainer, TrainingStopped, dry_run, world_size_from_env
+    from moetrain.trainer import (Trainer, TrainingStopped, apply_init_from_hf, dry_run,
+                                  world_size_from_env)
 
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
     if cfg.name == RunConfig.name:
         cfg.name = _name_from_choices()
     try:
         if cfg.dry_run:  # the layout of WORLD_SIZE ranks (1 if unset), without starting them
+            apply_init_from_hf(cfg)
             cfg.validate(world_size_from_env())
             dry_run(cfg)
             return

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from moetrain.checkpoint import Checkpointer, resolve_resume
 from moetrain.config import RunConfig
 from moetrain.data.loader import build_data
+from moetrain.hf.convert import import_model_config, load_hf_weights_
+from moetrain.hf.tokenizer import tokenizer_setting
 from moetrain.loggers import RunLogger
 from moetrain.loss import next_token_loss
 from moetrain.model import Transformer, num_params
@@ -66,6 +68,20 @@ def describe(cfg: RunConfig, model: Transformer, world: int) -> str:
     return "\n".join(lines)
 
 
+def apply_init_from_hf(cfg: RunConfig) -> str | None:
+    """With init_from=hf:DIR, the model's architecture (and, unless one is set, the tokenizer)
+    come from that transformers checkpoint; returns DIR, or None for any other init_from."""
+    if not (cfg.init_from and cfg.init_from.startswith("hf:")):
+        return None
+    hf_dir = cfg.init_from[3:]
+    cfg.model = import_model_config(hf_dir, keep=cfg.model)
+    if cfg.data.tokenizer == "byte" and tokenizer_setting(hf_dir) != "byte":
+        cfg.data.tokenizer = tokenizer_setting(hf_dir)
+        print(f"init_from=hf:{hf_dir}: using its tokenizer (data.tokenizer="
+              f"{cfg.data.tokenizer})", flush=True)
+    return hf_dir
+
+
 def dry_run(cfg: RunConfig) -> dict:
     """Build on the meta device (no memory, any size) and report sizes and layout."""
     with torch.device("meta"):
@@ -77,6 +93,7 @@ def dry_run(cfg: RunConfig) -> dict:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         world = world_size_from_env()
+        hf_dir = apply_init_from_hf(cfg)
         cfg.validate(world)
         self.cfg = cfg
         env_rank = int(os.environ.get("RANK", "0"))
@@ -84,7 +101,8 @@ class Trainer:
                                                 world, cfg.model.vocab_size,
                                                 cfg.train.grad_accum)
         # An explicit checkpoint path is checked on every rank, before any collective.
-        init_from = resolve_resume(cfg.init_from, Path("."), field="init_from")
+        init_from = (None if hf_dir is not None
+                     else resolve_resume(cfg.init_from, Path("."), field="init_from"))
         if cfg.resume not in (None, "auto"):
             resolve_resume(cfg.resume, Path("."))
         self.distributed = world > 1 or "MASTER_ADDR" in os.environ
@@ -126,6 +144,8 @@ class Trainer:
             self.checkpointer.load(Path(resume_from))
         elif init_from is not None:
             self.checkpointer.load_weights(init_from)
+        elif hf_dir is not None:
+            load_hf_weights_(self.model, hf_dir)
 
     # ------------------------------------------------------------------ setup helpers
     def _broadcast(self, value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -19,7 +20,11 @@ class ByteTokenizer:
 
 
 class FileTokenizer:
-    """A Hugging Face `tokenizers` tokenizer.json from a local path (no hub access)."""
+    """A Hugging Face `tokenizers` tokenizer.json from a local path (no hub access).
+
+    A tokenizer_config.json beside it (a transformers checkpoint's) names the eos token and
+    whether special tokens written in text are split into ordinary tokens; without one, the
+    first of a few common end-of-text tokens it has is the eos."""
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer
@@ -31,9 +36,17 @@ class FileTokenizer:
                              "a path to a tokenizers JSON file")
         self._tok = Tokenizer.from_file(str(file))
         self.vocab_size = self._tok.get_vocab_size()
-        eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
-                    if self._tok.token_to_id(t) is not None), None)
+        config_file = file.parent / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        eos = config.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if eos is None or self._tok.token_to_id(eos) is None:
+            eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
+                        if self._tok.token_to_id(t) is not None), None)
+        self.eos_token = eos
         self.eos_id = self._tok.token_to_id(eos) if eos else 0
+        self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

@@ -27,15 +27,20 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(this rank's tensor, its shape, its offset in the global tensor) for a plain tensor or a
+    DTensor of any layout moetrain.parallel makes (expert and FSDP shards hold one block)."""
+    if isinstance(param, DTensor):
+        local_shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements)
+        return param.to_local(), tuple(local_shape), tuple(offset)
+    return param, tuple(param.shape), (0,) * param.ndim
+
+
 @torch.no_grad()
 def seeded_normal_(param: torch.Tensor, std: float, seed: int, name: str) -> None:
     """Fill `param` (or this rank's shard of it) with normal(0, std) values of one process."""
-    if isinstance(param, DTensor):
-        local = param.to_local()
-        local_shape, offset = compute_local_shape_and_global_offset(
-            param.shape, param.device_mesh, param.placements)
-    else:
-        local, local_shape, offset = param, tuple(param.shape), (0,) * param.ndim
+    local, local_shape, offset = local_region(param)
     if local.numel() == 0:
         return
     global_shape = tuple(param.shape)

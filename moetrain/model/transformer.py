@@ -1,7 +1,8 @@
 """A decoder-only Transformer (RMSNorm, RoPE, causal GQA attention, SwiGLU or MoE FFNs).
 
 Plain PyTorch for one process: nothing here knows about ranks. Build on the meta device for
-large shapes, then `to_empty(device=...)` and `init_weights()`.
+large shapes, then `to_empty(device=...)` and `init_weights()`. For decoding, a `KVCache` from
+`Transformer.new_kv_cache` keeps past keys and values, so each step runs only the new tokens.
 Shapes: B batch, T sequence, D model dim, H heads, Hkv key/value heads, Dh head dim.
 """
 
@@ -48,6 +49,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class KVCache:
+    """Past keys and values of every layer, for B sequences decoded together.
+
+    Preallocated to `max_len` positions per layer, (B, Hkv, max_len, Dh) for keys and for values:
+    2 * n_layers * B * Hkv * max_len * Dh elements. `pos` counts the filled positions, the same
+    for every sequence (no padding). `Transformer.forward(tokens, cache)` writes the keys and
+    values of tokens (B, T) at [pos, pos + T) in every layer, then advances pos by T."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
+                 max_len: int, device=None, dtype=None):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.pos = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, Hkv, T, Dh) of the new tokens -> keys, values (B, Hkv, pos + T, Dh): the
+        prefix so far plus these. `pos` moves once all layers have written (Transformer)."""
+        end = self.pos + k.shape[2]
+        self.keys[layer_id][:, :, self.pos:end] = k
+        self.values[layer_id][:, :, self.pos:end] = v
+        return self.keys[layer_id][:, :, :end], self.values[layer_id][:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -62,15 +95,35 @@ class Attention(nn.Module):
         for lin in (self.wq, self.wk, self.wv, self.wo):
             nn.init.normal_(lin.weight, std=std)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer_id: int = 0):
+        """x (B, T, D); cos, sin: the rotary rows of x's positions onwards. With a cache, x
+        continues the cached sequences and its keys and values are written to layer_id's slot."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv,..)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            out = self._attend_cached(q, k, v, cache, layer_id)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_cached(self, q, k, v, cache: KVCache, layer_id: int) -> torch.Tensor:
+        """q (B, H, T, Dh) at positions [start, start + T) over the cached keys and these."""
+        start, T = cache.pos, q.shape[2]
+        k, v = cache.update(layer_id, k, v)  # (B, Hkv, start + T, Dh)
+        mask, causal = None, False
+        if T > 1 and start == 0:
+            causal = True  # square: the fused kernels' causal path, as in training
+        elif T > 1:
+            # query i (position start + i) sees keys 0 .. start + i; SDPA's is_causal would
+            # align the triangle top-left instead, hiding most of the prefix.
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+        # T == 1, every decode step: the new token sees the whole prefix, no mask.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class Block(nn.Module):
@@ -87,7 +140,9 @@ class Block(nn.Module):
         # (Transformer.checkpoint_activations turns it on).
         self.checkpoint_activations = False
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        if cache is not None:  # decoding: no backward, nothing to recompute
+            return self._forward(x, cos, sin, cache)
         if self.checkpoint_activations and torch.is_grad_enabled():
             # No early stop: the recomputation runs the whole block, so under expert
             # parallelism every rank re-issues the same all-to-alls in backward.
@@ -101,8 +156,8 @@ class Block(nn.Module):
         recompute = self.ffn.recomputation() if self.is_moe else contextlib.nullcontext()
         return contextlib.nullcontext(), recompute
 
-    def _forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def _forward(self, x, cos, sin, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
         if self.is_moe:
             ffn_out, aux_loss = self.ffn(self.ffn_norm(x))
         else:
@@ -148,6 +203,14 @@ class Transformer(nn.Module):
             if hasattr(moe.router, "expert_bias"):
                 moe.router.expert_bias.zero_()
 
+    def to_empty(self, *, device, recurse: bool = True):
+        """Materialise from the meta device, keeping tied embeddings one tensor: nn.Module's
+        to_empty gives each module its own copy of a shared parameter."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Fill the buffers no checkpoint holds (rotary tables, per-step load counts): after
@@ -169,19 +232,62 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, T) -> logits (B, T, vocab), aux loss (scalar, sum over MoE layers)."""
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None,
+                     dtype=None) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to max_len (default
+        model.max_seq_len) positions, on the device and in the dtype of the weights unless
+        given (dtype: that of the keys and values, e.g. bf16 under autocast)."""
+        limit = self.cfg.max_seq_len
+        max_len = limit if max_len is None else max_len
+        if not 1 <= max_len <= limit:
+            raise ValueError(f"KV cache max_len={max_len} must be between 1 and "
+                             f"model.max_seq_len={limit}")
+        if batch_size < 1:
+            raise ValueError(f"KV cache batch_size={batch_size} must be >= 1")
+        weight = self.output.weight
+        return KVCache(len(self.layers), batch_size, self.cfg.kv_heads,
+                       self.cfg.dim // self.cfg.n_heads, max_len,
+                       device=weight.device if device is None else device,
+                       dtype=weight.dtype if dtype is None else dtype)
+
+    def forward(self, tokens: torch.Tensor,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T) -> logits (B, T, vocab), aux loss (scalar, sum over MoE layers).
+
+        With a cache (inference), tokens continue its sequences at positions
+        [cache.pos, cache.pos + T): they attend to the cached prefix too, their keys and values
+        join the cache and cache.pos advances by T."""
         T = tokens.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len="
-                             f"{self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos, self.rope_sin
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len="
+                                 f"{self.cfg.max_seq_len}")
+        else:
+            self._check_cache(cache, tokens.shape[0], T)
+            cos, sin = cos[cache.pos:cache.pos + T], sin[cache.pos:cache.pos + T]  # (T, Dh/2)
         x = self.tok_embeddings(tokens)
         aux_total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
         for layer in self.layers:
-            x, aux_loss = layer(x, self.rope_cos, self.rope_sin)
+            x, aux_loss = layer(x, cos, sin, cache)
             if aux_loss is not None:
                 aux_total = aux_total + aux_loss
+        if cache is not None:
+            cache.pos += T
         return self.output(self.norm(x)), aux_total
+
+    def _check_cache(self, cache: KVCache, batch_size: int, T: int) -> None:
+        """Before anything is written: a failed call leaves the cache as it was."""
+        end = cache.pos + T
+        if batch_size != cache.batch_size:
+            raise ValueError(f"tokens have batch size {batch_size} but the KV cache holds "
+                             f"{cache.batch_size} sequences")
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"cached {cache.pos} + {T} new tokens = {end} exceeds "
+                             f"model.max_seq_len={self.cfg.max_seq_len}")
+        if end > cache.max_len:
+            raise ValueError(f"cached {cache.pos} + {T} new tokens = {end} exceeds "
+                             f"the KV cache's max_len={cache.max_len}")
 
 
 def num_params(model: Transformer) -> dict[str, int]:

@@ -1,0 +1,197 @@
+"""Conversion between moetrain checkpoints and transformers checkpoint directories.
+
+Export reads a DCP checkpoint of any layout one tensor at a time (DCP reassembles expert and
+FSDP shards into the logical tensor) and streams it into sharded safetensors under the family's
+names, so the exporting process holds about one tensor. Import reads, for each parameter of a
+model already built and parallelized, only the slice this rank holds (for stacked experts, only
+its experts' files), so any layout starts from a transformers checkpoint without a rank ever
+holding the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from moetrain.checkpoint import _one_process_quiet, find_checkpoint, load_run_config
+from moetrain.config import DataConfig, ModelConfig, RunConfig
+from moetrain.hf.families import (empty_tensors, family_for, hf_config, is_stacked,
+                                  model_config_from_hf, to_hf_names)
+from moetrain.hf.safetensors_io import Entry, ShardedReader, write_sharded
+from moetrain.hf.tokenizer import tokenizer_setting, write_tokenizer
+from moetrain.model import Transformer
+from moetrain.model.init import local_region
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Kept in fp32 whatever the export dtype, as transformers keeps it (a selection bias of ~1e-3
+# steps would round away in bf16).
+FP32_TENSORS = ("router.expert_bias",)
+
+
+def _logical_tensor_reader(checkpoint: Path):
+    """read(name) -> the full logical tensor `model.<name>` from a DCP checkpoint."""
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+
+    def read(name: str) -> torch.Tensor:
+        meta = metadata[f"model.{name}"]
+        assert isinstance(meta, TensorStorageMetadata)
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        with _one_process_quiet():
+            dcp.load({f"model.{name}": tensor}, checkpoint_id=str(checkpoint))
+        return tensor
+
+    return read, metadata
+
+
+def export_hf(source: str | Path, out: Path, dtype: str = "float32",
+              max_shard_size: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """Write a transformers checkpoint directory for the newest checkpoint of a run (or a
+    checkpoint directory). Every check runs before anything is written; the directory appears
+    complete or not at all."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    checkpoint = find_checkpoint(source)
+    cfg = load_run_config(checkpoint)
+    family = family_for(cfg.model)
+    from moetrain.data.tokenizer import build_tokenizer
+    eos_id = build_tokenizer(cfg.data.tokenizer).eos_id
+    config = hf_config(cfg.model, eos_id)  # raises for a setting with no equivalent
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {str(out)!r} exists and is not empty; choose a new directory "
+                         "or pass --overwrite")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+
+    read, metadata = _logical_tensor_reader(checkpoint)
+    with torch.device("meta"):
+        names = list(Transformer(cfg.model).state_dict())  # the model's own order
+    if cfg.model.tie_embeddings:
+        names.remove("output.weight")  # transformers ties lm_head to the embedding itself
+    num_experts = cfg.model.moe.num_experts if cfg.model.moe is not None else 0
+    entries, cache = [], {}
+
+    def fetch(name: str, expert: int | None, target: torch.dtype):
+        def get() -> torch.Tensor:
+            if cache.get("name") != name:  # one logical tensor in memory at a time
+                cache.clear()
+                cache.update(name=name, tensor=read(name))
+            tensor = cache["tensor"]
+            return (tensor[expert] if expert is not None else tensor).to(target)
+        return get
+
+    for name in names:
+        meta = metadata[f"model.{name}"]
+        target = (torch.float32 if name.endswith(FP32_TENSORS) or not meta.properties.dtype
+                  .is_floating_point else DTYPES[dtype])
+        hf_names = to_hf_names(family, name, num_experts)
+        stacked = is_stacked(family, name)
+        shape = tuple(meta.size[1:]) if stacked else tuple(meta.size)
+        for expert, hf_name in enumerate(hf_names):
+            entries.append(Entry(hf_name, shape, target,
+                                 fetch(name, expert if stacked else None, target)))
+    for hf_name, shape in empty_tensors(cfg.model).items():
+        entries.append(Entry(hf_name, shape, DTYPES[dtype],
+                             lambda shape=shape: torch.empty(shape, dtype=DTYPES[dtype])))
+    write_sharded(partial, entries, max_shard_size)
+
+    config["dtype"] = config["torch_dtype"] = dtype  # the name transformers 5 / 4 reads
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "bos_token_id": None}
+    (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_tokenizer(cfg.data.tokenizer, partial, cfg.model.max_seq_len)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out
+
+
+# --------------------------------------------------------------------------- import
+def read_hf_config(directory: str | Path, field: str = "init_from") -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{field}=hf:{directory}: no config.json there; expected a local "
+                         "transformers checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def import_model_config(directory: str | Path, keep: ModelConfig | None = None) -> ModelConfig:
+    """moetrain's model config for a transformers checkpoint. `keep`: the run's own config,
+    whose training-only settings (balancing, router jitter and freezing, capacity) are kept
+    when the checkpoint's config does not carry moetrain's."""
+    config = read_hf_config(directory)
+    model = model_config_from_hf(config)
+    if keep is not None and "moetrain_model" not in config:
+        model.balance = keep.balance
+        if model.moe is not None and keep.moe is not None:
+            model.moe.router_jitter = keep.moe.router_jitter
+            model.moe.freeze_router = keep.moe.freeze_router
+            model.moe.capacity_factor = keep.moe.capacity_factor
+    model.validate()
+    return model
+
+
+@torch.no_grad()
+def load_hf_weights_(model: Transformer, directory: str | Path) -> None:
+    """Fill every parameter and persistent buffer of `model` (plain, or sharded by any layout)
+    from a transformers checkpoint directory; missing or unexpected tensors raise."""
+    directory = Path(directory)
+    family = family_for(model.cfg)
+    reader = ShardedReader(directory)
+    available = reader.names()
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("output.weight")
+    num_experts = model.cfg.moe.num_experts if model.cfg.moe is not None else 0
+    plan = {name: to_hf_names(family, name, num_experts) for name in state}
+    wanted = {n for names in plan.values() for n in names}
+    missing = sorted(wanted - available)
+    empty = empty_tensors(model.cfg)
+    unexpected = sorted(n for n in available - wanted
+                        if not (_ignorable(n, model.cfg) or n in empty))
+    if missing or unexpected:
+        raise ValueError(f"hf:{directory} does not match its config.json: missing tensors "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected "
+                         f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    for name, tensor in state.items():
+        local, shape, offset = local_region(tensor)
+        if local.numel() == 0:
+            continue
+        region = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+        hf_names = plan[name]
+        if is_stacked(family, name):  # read only this rank's experts
+            for row, expert in enumerate(range(region[0].start, region[0].stop)):
+                local[row].copy_(reader.read(hf_names[expert], region[1:]))
+        else:
+            local.copy_(reader.read(hf_names[0], region))
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+    """Tensors transformers itself skips on load: GLM's multi-token-prediction layers (after
+    the last layer), and a stored lm_head when the embeddings are tied."""
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        return True
+    parts = name.split(".")
+    return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+            and int(parts[2]) >= cfg.n_layers)
+
+
+def load_hf_model(directory: str | Path, device: str | torch.device = "cpu"):
+    """(model with the checkpoint's weights, RunConfig) for one process."""
+    directory = Path(directory)
+    model_cfg = import_model_config(directory)
+    cfg = RunConfig(model=model_cfg, data=DataConfig(tokenizer=tokenizer_setting(directory)))
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model.to_empty(device=device)
+    model.init_buffers()
+    load_hf_weights_(model, directory)
+    return model, cfg

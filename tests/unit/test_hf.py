@@ -1,0 +1,339 @@
+"""Conversion to and from transformers, checked against transformers' own models (built from
+configs, never downloaded): logits, greedy generation, round trips, the tokenizer, and the
+settings that must refuse to convert."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moetrain.checkpoint import load_model
+from moetrain.config import BalanceConfig, ModelConfig, MoEConfig
+from moetrain.data.tokenizer import ByteTokenizer, FileTokenizer
+from moetrain.export import main as export_main
+from moetrain.hf import export_hf, model_config_from_hf
+from moetrain.trainer import Trainer
+from tests.unit.test_trainer import tiny_run
+
+transformers = pytest.importorskip("transformers")
+
+LENGTHS = (3, 9, 16)  # padding-free sequences, each run on its own
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def hf_mixtral(tmp_path: Path, **overrides) -> Path:
+    cfg = transformers.MixtralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
+        num_experts_per_tok=2, max_position_embeddings=32, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, **overrides)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg)
+    _spread_routers(model)
+    model.save_pretrained(tmp_path / "hf_mixtral")
+    return tmp_path / "hf_mixtral"
+
+
+def hf_glm4_moe(tmp_path: Path, n_shared=2, **overrides) -> Path:
+    fields = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=8,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=n_shared, n_group=4, topk_group=2,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=32,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 1.0},
+        num_nextn_predict_layers=0)
+    cfg = transformers.Glm4MoeConfig(**{**fields, **overrides})
+    torch.manual_seed(0)
+    model = transformers.Glm4MoeForCausalLM(cfg)
+    _spread_routers(model)
+    with torch.no_grad():  # a trained score-correction bias, so selection != gating
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.05)
+    model.save_pretrained(tmp_path / "hf_glm")
+    return tmp_path / "hf_glm"
+
+
+def _spread_routers(model) -> None:
+    """Larger router weights than the 0.02 init, so routing differs from token to token."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight"):
+                param.normal_(std=0.5)
+
+
+def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def assert_same_logits(ours, directory: Path, vocab: int) -> None:
+    torch.manual_seed(1)
+    for length in LENGTHS:
+        tokens = torch.randint(1, vocab, (1, length))
+        with torch.no_grad():
+            logits = ours(tokens)[0]
+        assert rel_err(logits, hf_logits(directory, tokens)) <= 1e-5, length
+
+
+# --------------------------------------------------------------------------- HF -> moetrain
+@pytest.mark.parametrize("family", ["mixtral", "glm4_moe", "glm4_moe_no_shared"])
+def test_import_gives_transformers_logits(tmp_path, family):
+    directory = (hf_mixtral(tmp_path) if family == "mixtral"
+                 else hf_glm4_moe(tmp_path, n_shared=0 if "no_shared" in family else 2))
+    model, cfg = load_model(f"hf:{directory}")
+    assert cfg.model.moe.router == ("softmax_topk" if family == "mixtral" else "sigmoid")
+    assert_same_logits(model, directory, 96)
+
+
+def test_import_of_a_dense_llama(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    model, run_cfg = load_model(f"hf:{tmp_path / 'llama'}")
+    assert run_cfg.model.moe is None and run_cfg.model.tie_embeddings
+    assert_same_logits(model, tmp_path / "llama", 64)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("use_qk_norm", True, "use_qk_norm=true"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
+    ("head_dim", 16, "head_dim=16"),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("model_type", "deepseek_v3", "model_type='deepseek_v3'"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+     "rope_type='yarn'"),
+])
+def test_import_refuses_what_moetrain_cannot_represent(tmp_path, field, value, message):
+    directory = hf_glm4_moe(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config[field] = value
+    if field == "partial_rotary_factor":
+        config["rope_parameters"].pop("partial_rotary_factor")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        model_config_from_hf(config)
+
+
+def test_import_refuses_unexpected_tensors(tmp_path):
+    from safetensors.torch import save_file
+    directory = hf_mixtral(tmp_path)
+    index = json.loads((directory / "model.safetensors.index.json").read_text()
+                       ) if (directory / "model.safetensors.index.json").exists() else None
+    assert index is None  # one file: add a stray tensor to it
+    from safetensors.torch import load_file
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.0.block_sparse_moe.experts.6.w1.weight"] = torch.zeros(24, 32)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected \['model.layers.0.block_sparse_moe"
+                                         r".experts.6.w1.weight'\]"):
+        load_model(f"hf:{directory}")
+
+
+# --------------------------------------------------------------------------- moetrain -> HF
+def trained_checkpoint(tmp_path: Path, family: str, **model_overrides) -> Path:
+    if family == "mixtral":
+        moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=32)
+        balance = BalanceConfig(aux_loss="switch")
+    else:
+        moe = MoEConfig(router="sigmoid", num_experts=8, top_k=3, expert_hidden=16, n_groups=4,
+                        topk_groups=2, n_shared_experts=2, route_scale=2.0)
+        balance = BalanceConfig(aux_free=True, bias_update_rate=0.05)
+    cfg = tiny_run(tmp_path, moe, balance, steps=3)
+    cfg.model.n_kv_heads = 1
+    if family != "mixtral":
+        cfg.model.n_layers, cfg.model.first_k_dense = 3, 1
+    for key, value in model_overrides.items():
+        setattr(cfg.model, key, value)
+    Trainer(cfg).fit()
+    return tmp_path / "run"
+
+
+def greedy_hf(directory: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_export_loads_in_transformers_with_equal_logits_and_generation(tmp_path, family):
+    from moetrain.generate import generate
+    run_dir = trained_checkpoint(tmp_path, family, tie_embeddings=family == "deepseek")
+    out = export_hf(run_dir, tmp_path / "hf", max_shard_size=40_000)  # several shards
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in files and "config.json" in files
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 1 and shards[-1].endswith(f"of-{len(shards):05d}.safetensors")
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True)
+    assert type(hf_model).__name__ == ("MixtralForCausalLM" if family == "mixtral"
+                                       else "Glm4MoeForCausalLM")
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    ours, _ = load_model(run_dir)
+    assert_same_logits(ours, out, 256)
+    prompt = list(b"the ")
+    ours_greedy = generate(ours, prompt, 20, temperature=0, eos_id=0)
+    assert ours_greedy == greedy_hf(out, prompt, 20)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_round_trip_is_bit_identical(tmp_path, family):
+    run_dir = trained_checkpoint(tmp_path, family)
+    ours, cfg = load_model(run_dir)
+    export_hf(run_dir, tmp_path / "hf")
+    back, back_cfg = load_model(f"hf:{tmp_path / 'hf'}")
+    assert back_cfg.model == cfg.model  # balancing and init settings included
+    state, back_state = ours.state_dict(), back.state_dict()
+    assert state.keys() == back_state.keys()
+    for key in state:
+        assert torch.equal(state[key], back_state[key]), key
+    if family == "deepseek":  # the trained selection bias made it across
+        assert back.layers[1].ffn.router.expert_bias.abs().sum() > 0
+
+
+def test_bf16_export_keeps_the_selection_bias_in_fp32(tmp_path):
+    from safetensors import safe_open
+    run_dir = trained_checkpoint(tmp_path, "deepseek")
+    out = export_hf(run_dir, tmp_path / "hf", dtype="bfloat16")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(out / index["model.layers.1.mlp.gate.weight"], "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias"
+                            ).dtype == torch.float32
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(router="expert_choice", top_k=2, n_groups=1, topk_groups=1),
+     "moe.router='expert_choice'"),
+    (dict(capacity_factor=1.25), "moe.capacity_factor=1.25"),
+    (dict(shared_hidden=20), r"moe.shared_hidden=20 x moe.n_shared_experts=2"),
+])
+def test_export_refuses_settings_without_equivalent_before_writing(tmp_path, change, message,
+                                                                   capsys):
+    run_dir = trained_checkpoint(tmp_path, "deepseek")
+    config = run_dir / "checkpoints" / "step_00000003" / "config.yaml"
+    from omegaconf import OmegaConf
+    yaml = OmegaConf.load(config)
+    for key, value in change.items():
+        yaml.model.moe[key] = value
+    if change.get("router") == "expert_choice":
+        yaml.model.balance.aux_free = False
+    OmegaConf.save(yaml, config)
+    assert export_main([str(run_dir), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.replace("\\", "") in err[0], err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
+
+
+def test_mixtral_export_refuses_switch_and_dense_first_layers():
+    from moetrain.hf import hf_config
+    switch = ModelConfig(moe=MoEConfig(router="top1", top_k=1))
+    with pytest.raises(ValueError, match=r"moe.router='top1' has no transformers equivalent"):
+        hf_config(switch, 0)
+    with pytest.raises(ValueError, match=r"model.first_k_dense=1"):
+        hf_config(ModelConfig(first_k_dense=1), 0)
+    with pytest.raises(ValueError, match=r"moe.norm_topk_prob=false"):
+        hf_config(ModelConfig(moe=MoEConfig(norm_topk_prob=False)), 0)
+
+
+def test_export_never_replaces_a_directory_unasked(tmp_path, capsys):
+    run_dir = trained_checkpoint(tmp_path, "mixtral")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert export_main([str(run_dir), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert export_main([str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+
+
+def test_logical_safetensors_format_is_kept(tmp_path):
+    from safetensors.torch import load_file
+    run_dir = trained_checkpoint(tmp_path, "mixtral")
+    assert export_main([str(run_dir), "--format", "safetensors",
+                        "--out", str(tmp_path / "st")]) == 0
+    ours, _ = load_model(run_dir)
+    tensors = load_file(tmp_path / "st" / "model.safetensors")
+    assert tensors.keys() == ours.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(tensors[key], value), key
+
+
+# --------------------------------------------------------------------------- tokenizer
+def random_strings(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    pieces = ["\x00", "Ā", "<|endoftext|>", "é", "日本語", "🙂", " ", "\n", "\t", "abc", "\r\n",
+              "\ufffd", "\U0010FFFF", "Ä"]
+    out = []
+    for _ in range(count):
+        s = "".join(rng.choice(pieces) if rng.random() < 0.5 else chr(rng.randrange(32, 0x3000))
+                    for _ in range(rng.randrange(0, 12)))
+        out.append(s)
+    return out
+
+
+def test_exported_byte_tokenizer_matches_moetrain(tmp_path):
+    run_dir = trained_checkpoint(tmp_path, "mixtral")
+    out = export_hf(run_dir, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = ByteTokenizer()
+    assert hf_tok.eos_token_id == ours.eos_id
+    file_tok = FileTokenizer(str(out))  # moetrain reading the exported file itself
+    assert file_tok.eos_id == ours.eos_id
+    for text in random_strings(300):
+        ids = ours.encode(text)
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
+        assert file_tok.encode(text) == ids, repr(text)
+        assert hf_tok.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+    rng = random.Random(1)
+    for _ in range(300):  # arbitrary bytes, invalid UTF-8 and eos tokens included
+        ids = [rng.randrange(256) for _ in range(rng.randrange(1, 16))]
+        assert hf_tok.decode(ids, skip_special_tokens=True) == ours.decode(ids), ids
+
+
+def test_a_tokenizers_file_used_for_training_is_copied_as_is(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    vocab["</s>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(tmp_path / "tok.json"))
+    run_dir = trained_checkpoint(tmp_path, "mixtral")
+    config = run_dir / "checkpoints" / "step_00000003" / "config.yaml"
+    from omegaconf import OmegaConf
+    yaml = OmegaConf.load(config)
+    yaml.data.tokenizer = str(tmp_path / "tok.json")
+    OmegaConf.save(yaml, config)
+    out = export_hf(run_dir, tmp_path / "hf")
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok.json").read_bytes()
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == vocab["</s>"]
+
+
+# --------------------------------------------------------------------------- init_from
+def test_init_from_hf_trains_from_the_transformers_weights(tmp_path):
+    directory = hf_glm4_moe(tmp_path, vocab_size=256)  # the bytes tokenizer's 256 ids
+    moe = MoEConfig(router="sigmoid", num_experts=4, top_k=1)  # replaced by the checkpoint's
+    cfg = tiny_run(tmp_path, moe, BalanceConfig(aux_free=True), steps=2)
+    cfg.init_from = f"hf:{directory}"
+    cfg.data.seq_len = 16
+    trainer = Trainer(cfg)
+    assert trainer.cfg.model.moe.num_experts == 8 and trainer.cfg.model.balance.aux_free
+    reference, _ = load_model(f"hf:{directory}")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    summary = trainer.fit()
+    assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite
+    shutil.rmtree(directory)
