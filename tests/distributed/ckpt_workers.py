@@ -56,3 +56,9 @@ def losses(run_dir) -> dict[int, float]:
         if "loss" in record:
             out[record["step"]] = record["loss"]
     return out
+
+
+def initial_state(rank, world, run_dir, family, ep, init_from, **kwargs) -> dict:
+    """The logical weights a Trainer starts from (before any step), e.g. with init_from=hf:."""
+    trainer = Trainer(run_config(run_dir, family, world, ep, init_from=init_from, **kwargs))
+    return gather_logical(trainer.model.state_dict())

@@ -91,15 +91,60 @@ def test_ddp_and_fsdp_train_the_same_run(root):
 def test_export_writes_logical_safetensors_from_an_ep2_run(root, tmp_path):
     from safetensors.torch import load_file
     ref_dir, ref = straight("mixtral", root)
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ref_dir),
-                           "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-m", "moetrain.export", str(ref_dir),
+                           "--format", "safetensors", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     tensors = load_file(tmp_path / "model.safetensors")
     assert tensors["layers.0.ffn.experts.w_gate"].shape == (8, 16, 32)  # all 8 experts
     for key, value in tensors.items():
         torch.testing.assert_close(value, ref["state"][key], rtol=0, atol=0, msg=key)
     assert "num_experts: 8" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_hf_export_of_an_ep2_run_matches_transformers(family, root, tmp_path):
+    """Written by 2 ranks at ep=2 (FSDP), exported in one process, loaded by transformers:
+    the same logits as the trained weights in moetrain, and the same greedy text."""
+    transformers = pytest.importorskip("transformers")
+    from moetrain.generate import generate
+    from moetrain.hf import export_hf
+    from moetrain.model import Transformer
+    ref_dir, ref = straight(family, root)
+    out = export_hf(ref_dir, tmp_path / "hf", max_shard_size=20_000)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                 output_loading_info=True)
+    assert not any(info.values()), info
+    ours = Transformer(run_config(tmp_path, family, 1, 1).model).eval()
+    ours.load_state_dict(ref["state"])  # the weights the 2 ranks trained, gathered
+    torch.manual_seed(0)
+    for length in (4, 9, 16):
+        tokens = torch.randint(1, 256, (1, length))
+        with torch.no_grad():
+            a, b = ours(tokens)[0], hf(tokens).logits
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5, length
+    prompt = list(b"the ")
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    assert generate(ours, prompt, 12, temperature=0, eos_id=0) == theirs[0, 4:].tolist()
+
+
+@pytest.mark.parametrize("world, ep, data_parallel", [(2, 2, "fsdp"), (4, 2, "ddp")])
+def test_init_from_hf_loads_every_layout_exactly(world, ep, data_parallel, root, tmp_path):
+    """A transformers checkpoint read into sharded experts and FSDP shards, each rank reading
+    only its slices: the gathered weights are exactly those of one process."""
+    from moetrain.checkpoint import load_model
+    from moetrain.hf import export_hf
+    from tests.distributed.ckpt_workers import initial_state
+    ref_dir, _ = straight("deepseek", root)
+    hf_dir = export_hf(ref_dir, tmp_path / "hf")
+    expected, _ = load_model(f"hf:{hf_dir}")
+    states = run_distributed(initial_state, world, tmp_path / "run", "deepseek", ep,
+                             f"hf:{hf_dir}", data_parallel=data_parallel)
+    for state in states:
+        assert state.keys() == expected.state_dict().keys()
+        for key, value in expected.state_dict().items():
+            assert torch.equal(state[key], value), key
 
 
 def test_checkpoint_with_wrong_keys_fails_loudly(root, tmp_path):
