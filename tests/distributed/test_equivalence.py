@@ -38,7 +38,8 @@ CASES = {
            Case("mixtral", None, ep=1, accum=2, defer_sync=True),
            Case("deepseek", None, ep=1, accum=2, recompute=True),
            Case("deepseek", None, ep=2, data_parallel="ddp", accum=2),
-           Case("mixtral", None, ep=2, dtype="fp64")]),
+           Case("mixtral", None, ep=2, dtype="fp64"),
+           Case("mixtral_tied", None, ep=2), Case("mixtral_tied", None, data_parallel="ddp")]),
     4: (_all_families(ep=4) + _all_families(ep=2)
         + [Case(name, cf, ep=ep, data_parallel="ddp") for name, cf in FAMILIES[:3]
            for ep in (2, 4)]
@@ -49,7 +50,8 @@ CASES = {
            Case("mixtral", None, ep=2, dp_replicate=2),
            Case("deepseek", None, ep=1, dp_replicate=2, accum=2, defer_sync=True),
            Case("deepseek", None, ep=2, dtype="fp64"),
-           Case("mixtral_global", None, ep=4, dtype="fp64")]),
+           Case("mixtral_global", None, ep=4, dtype="fp64"),
+           Case("mixtral_tied", None, ep=2, dp_replicate=2)]),
 }
 # max |delta| / max |reference| per tensor: fp32 leaves summation-order noise, fp64 only bugs
 TOLERANCE = {"fp32": 1e-5, "fp64": 1e-10}

@@ -31,6 +31,7 @@ def family(name: str, capacity_factor=None) -> ModelConfig:
         stats = "global_batch" if name == "mixtral_global" else "micro_batch"
         return ModelConfig(
             vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=SEQ,
+            tie_embeddings=name == "mixtral_tied",
             moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=16,
                           capacity_factor=capacity_factor),
             balance=BalanceConfig(aux_loss="switch", aux_loss_coef=0.1, aux_loss_stats=stats,
