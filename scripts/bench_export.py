@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_checkpoint(model_name: str, root: Path) -> tuple[int, int]:
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / f"configs/model/{model_name}.yaml")))
+    values = OmegaConf.load(REPO / f"configs/model/{model_name}.yaml")
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
     model = Transformer(model_cfg)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     checkpoint = root / "checkpoints" / "step_00000001"

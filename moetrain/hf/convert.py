@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moetrain.checkpoint import _one_process_quiet, find_checkpoint, load_run_config
 from moetrain.config import DataConfig, ModelConfig, RunConfig
-from moetrain.hf.families import (empty_tensors, family_for, hf_config, is_stacked,
+from moetrain.hf.families import (STASH_KEY, empty_tensors, family_for, hf_config, is_stacked,
                                   model_config_from_hf, to_hf_names)
 from moetrain.hf.safetensors_io import Entry, ShardedReader, write_sharded
 from moetrain.hf.tokenizer import tokenizer_setting, write_tokenizer
@@ -129,7 +129,7 @@ def import_model_config(directory: str | Path, keep: ModelConfig | None = None) 
     when the checkpoint's config does not carry moetrain's."""
     config = read_hf_config(directory)
     model = model_config_from_hf(config)
-    if keep is not None and "moetrain_model" not in config:
+    if keep is not None and STASH_KEY not in config:
         model.balance = keep.balance
         if model.moe is not None and keep.moe is not None:
             model.moe.router_jitter = keep.moe.router_jitter
