@@ -68,7 +68,7 @@ def resolve_resume(resume: str | None, run_dir: Path, field: str = "resume") -> 
 
 
 @contextlib.contextmanager
-def _one_process_quiet():
+def quiet_single_process():
     """Without a process group DCP warns that it saves or loads in one process: that is the
     intent whenever moetrain runs without one."""
     with warnings.catch_warnings():
@@ -170,7 +170,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self._barrier()
-        with _one_process_quiet():
+        with quiet_single_process():
             dcp.save(self._tensor_state(), checkpoint_id=str(tmp))
         torch.save(self._extra_state(), tmp / f"extra_rank{t.rank}.pt")
         self._barrier()  # every rank's files are in place
@@ -202,7 +202,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint {path} does not match this model: missing keys "
                              f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                              f"keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        with _one_process_quiet():
+        with quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
 
     def load_weights(self, path: Path) -> None:

@@ -17,7 +17,6 @@ before anything is written.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,17 +31,13 @@ FORMATS = ("hf", "safetensors")
 def export_safetensors(source: str | Path, out: Path, dtype: str = "float32",
                        overwrite: bool = False) -> Path:
     """OUT/model.safetensors under logical names, and OUT/config.yaml (the model config)."""
-    from moetrain.hf.convert import DTYPES, FP32_TENSORS, _logical_tensor_reader
-    from moetrain.hf.safetensors_io import Entry, _write_file
+    from moetrain.hf.convert import DTYPES, FP32_TENSORS, logical_tensor_reader, published
+    from moetrain.hf.safetensors_io import Entry, write_file
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     checkpoint = find_checkpoint(source)
     cfg = load_run_config(checkpoint)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {str(out)!r} exists and is not empty; choose a new directory "
-                         "or pass --overwrite")
-    read, metadata = _logical_tensor_reader(checkpoint)
+    read, metadata = logical_tensor_reader(checkpoint)
     entries = []
     for key, meta in metadata.items():
         if not key.startswith("model.") or (cfg.model.tie_embeddings
@@ -53,16 +48,10 @@ def export_safetensors(source: str | Path, out: Path, dtype: str = "float32",
                   or not meta.properties.dtype.is_floating_point else DTYPES[dtype])
         entries.append(Entry(name, tuple(meta.size), target,
                              lambda name=name, target=target: read(name).to(target)))
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    _write_file(partial / "model.safetensors", entries)
-    (partial / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.replace(out)
-    return out
+    with published(out, overwrite) as partial:
+        write_file(partial / "model.safetensors", entries)
+        (partial / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
+    return Path(out)
 
 
 def main(argv=None) -> int:

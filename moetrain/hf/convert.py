@@ -10,6 +10,7 @@ holding the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from moetrain.checkpoint import _one_process_quiet, find_checkpoint, load_run_config
+from moetrain.checkpoint import quiet_single_process, find_checkpoint, load_run_config
 from moetrain.config import DataConfig, ModelConfig, RunConfig
 from moetrain.hf.families import (STASH_KEY, empty_tensors, family_for, hf_config, is_stacked,
                                   model_config_from_hf, to_hf_names)
@@ -34,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FP32_TENSORS = ("router.expert_bias",)
 
 
-def _logical_tensor_reader(checkpoint: Path):
+def logical_tensor_reader(checkpoint: Path):
     """read(name) -> the full logical tensor `model.<name>` from a DCP checkpoint."""
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
 
@@ -42,7 +43,7 @@ def _logical_tensor_reader(checkpoint: Path):
         meta = metadata[f"model.{name}"]
         assert isinstance(meta, TensorStorageMetadata)
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        with _one_process_quiet():
+        with quiet_single_process():
             dcp.load({f"model.{name}": tensor}, checkpoint_id=str(checkpoint))
         return tensor
 
@@ -58,10 +59,19 @@ def export_hf(source: str | Path, out: Path, dtype: str = "float32",
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     checkpoint = find_checkpoint(source)
     cfg = load_run_config(checkpoint)
-    family = family_for(cfg.model)
     from moetrain.data.tokenizer import build_tokenizer
     eos_id = build_tokenizer(cfg.data.tokenizer).eos_id
     config = hf_config(cfg.model, eos_id)  # raises for a setting with no equivalent
+    with published(out, overwrite) as partial:
+        _write_hf(checkpoint, cfg, config, eos_id, partial, dtype, max_shard_size)
+    return Path(out)
+
+
+@contextlib.contextmanager
+def published(out: str | Path, overwrite: bool):
+    """Yield a sibling `OUT.partial` to write into; OUT appears once it is complete. A
+    non-empty OUT is only replaced with `overwrite` (checked first); a failed write leaves
+    OUT as it was."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {str(out)!r} exists and is not empty; choose a new directory "
@@ -70,8 +80,20 @@ def export_hf(source: str | Path, out: Path, dtype: str = "float32",
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
 
-    read, metadata = _logical_tensor_reader(checkpoint)
+
+def _write_hf(checkpoint: Path, cfg: RunConfig, config: dict, eos_id: int, partial: Path,
+              dtype: str, max_shard_size: int) -> None:
+    family = family_for(cfg.model)
+    read, metadata = logical_tensor_reader(checkpoint)
     with torch.device("meta"):
         names = list(Transformer(cfg.model).state_dict())  # the model's own order
     if cfg.model.tie_embeddings:
@@ -108,10 +130,6 @@ def export_hf(source: str | Path, out: Path, dtype: str = "float32",
     generation = {"eos_token_id": eos_id, "pad_token_id": eos_id, "bos_token_id": None}
     (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     write_tokenizer(cfg.data.tokenizer, partial, cfg.model.max_seq_len)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    return out
 
 
 # --------------------------------------------------------------------------- import

@@ -55,7 +55,7 @@ def plan_shards(entries: list[Entry], max_shard_bytes: int) -> list[list[Entry]]
     return shards
 
 
-def _write_file(path: Path, entries: list[Entry]) -> None:
+def write_file(path: Path, entries: list[Entry]) -> None:
     header, offset = {}, 0
     for entry in entries:
         header[entry.name] = {"dtype": DTYPE_CODES[entry.dtype], "shape": list(entry.shape),
@@ -82,7 +82,7 @@ def write_sharded(out_dir: Path, entries: list[Entry], max_shard_bytes: int) -> 
     paths, weight_map = [], {}
     for k, shard in enumerate(shards):
         path = Path(out_dir) / f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_file(path, shard)
+        write_file(path, shard)
         paths.append(path)
         weight_map.update({entry.name: path.name for entry in shard})
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
