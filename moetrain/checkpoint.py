@@ -115,9 +115,15 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
     model.init_buffers()
+    load_model_weights(model, checkpoint)
+    return model.eval(), cfg
+
+
+def load_model_weights(model, checkpoint: Path) -> None:
+    """Every parameter and persistent buffer of `model` (plain, or sharded by any layout) from
+    a checkpoint's `model.*` tensors, strictly: DCP reshards them to this layout."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     Checkpointer._load_strict(state, checkpoint, prefix="model.")
-    return model.eval(), cfg
 
 
 class Checkpointer:
@@ -208,8 +214,7 @@ class Checkpointer:
     def load_weights(self, path: Path) -> None:
         """Model weights and buffers (expert bias included) only, for a new run (init_from):
         the optimizer, schedule, data position and step start afresh."""
-        state = {k: v for k, v in self._tensor_state().items() if k.startswith("model.")}
-        self._load_strict(state, path, prefix="model.")
+        load_model_weights(self.trainer.model, path)
 
     def load(self, path: Path) -> None:
         t = self.trainer

@@ -188,7 +188,7 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
         lengths[tokenizer.eos_id] = 0
         return lengths
     from tokenizers.pre_tokenizers import ByteLevel
-    backend = tokenizer._tok  # the tokenizers.Tokenizer that FileTokenizer wraps
+    backend = tokenizer.backend
     spec = json.loads(backend.to_str())
     byte_level = _has_byte_level(spec.get("pre_tokenizer")) or _has_byte_level(
         spec.get("decoder"))
@@ -295,7 +295,8 @@ def load_for_evaluation(source: str | Path, ep: int | None = None,
     """The checkpoint's model ready for `evaluate`: whole in one process, or under torchrun
     (WORLD_SIZE/MASTER_ADDR set) parallelized over the job's ranks with the checkpoint's
     layout, `ep` overriding its expert-parallel degree."""
-    from moetrain.checkpoint import Checkpointer, find_checkpoint, load_model, load_run_config
+    from moetrain.checkpoint import (find_checkpoint, load_model, load_model_weights,
+                                     load_run_config)
     from moetrain.model import Transformer
     from moetrain.parallel import build_mesh, init_distributed, parallelize
     if device is None:
@@ -314,10 +315,7 @@ def load_for_evaluation(source: str | Path, ep: int | None = None,
     cfg.parallel = dataclasses.replace(cfg.parallel, dp_replicate=1,
                                        ep=ep if ep is not None else cfg.parallel.ep)
     num_experts = cfg.model.moe.num_experts if cfg.model.moe else None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % cfg.parallel.ep or (num_experts or 1) % cfg.parallel.ep:
-        raise ValueError(f"ep {cfg.parallel.ep} (the checkpoint's unless --ep is given) must "
-                         f"divide the world size {world} and the {num_experts} experts")
+    cfg.parallel.validate(int(os.environ.get("WORLD_SIZE", "1")), num_experts)
     rank, world = init_distributed(cfg.parallel.timeout_s)
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -325,9 +323,7 @@ def load_for_evaluation(source: str | Path, ep: int | None = None,
     with torch.device("meta"):
         model = Transformer(cfg.model)
     module = parallelize(model, mesh, cfg.parallel, device=device, seed=cfg.train.seed)
-    # Strict: every model tensor comes from the checkpoint, resharded to this layout by DCP.
-    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
-    Checkpointer._load_strict(state, checkpoint, prefix="model.")
+    load_model_weights(model, checkpoint)
     model.eval()
     return LoadedModel(model, module, cfg, str(checkpoint), rank, world)
 

@@ -48,6 +48,11 @@ class FileTokenizer:
         self.eos_id = self._tok.token_to_id(eos) if eos else 0
         self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
+    @property
+    def backend(self):
+        """The tokenizers.Tokenizer itself (vocabulary, added tokens, pipeline)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
