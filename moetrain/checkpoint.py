@@ -1,4 +1,5 @@
-"""Checkpoints in the logical layout, written atomically, resumable on another layout.
+"""Checkpoints in the logical layout, written atomically, verified before use, resumable on
+another layout.
 
 A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding:
   - a torch.distributed.checkpoint (DCP) of the model and optimizer tensors under logical names
@@ -9,14 +10,17 @@ A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding:
   - `extra_rank{r}.pt`: step, scheduler, learning rates, data position, RNG states and the
     collapse detector (plain values; read back with weights_only=True).
   - `config.yaml`: the resolved config of the run that wrote it.
-It is written to `step_XXXXXXXX.tmp/` and renamed when every rank has finished, so a crash
-mid-save leaves the previous checkpoint intact and a partial one is never loaded.
+  - `manifest.json`: size and SHA-256 of every other file (moetrain.integrity), written last.
+It is written to `step_XXXXXXXX.tmp/` and renamed when the manifest is complete, so a crash
+mid-save leaves the previous checkpoint intact and a partial one is never loaded; a checkpoint
+damaged after the fact fails verification and is never loaded either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -26,44 +30,133 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from moetrain.integrity import (MANIFEST, CheckpointInvalid, check_files, file_digest,
+                                read_manifest, share, write_manifest)
+
 PREFIX = "step_"
 TMP_SUFFIX = ".tmp"
+_EXTRA = re.compile(r"extra_rank(\d+)\.pt")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _published(path: Path) -> bool:
+    """Renamed into place (not .tmp) with a manifest, or with DCP metadata for a checkpoint
+    written before manifests."""
+    return (not path.name.endswith(TMP_SUFFIX)
+            and ((path / MANIFEST).is_file() or (path / ".metadata").is_file()))
+
+
 def complete_checkpoints(root: Path, warn: bool = True) -> list[Path]:
-    """Complete checkpoints, oldest first. Partial ones (a .tmp directory, or no DCP
-    metadata) are skipped with a warning."""
+    """Published checkpoints, oldest first (not yet verified). Partial ones (a .tmp directory,
+    or neither manifest nor DCP metadata) are skipped with a warning."""
     if not root.is_dir():
         return []
     found = []
     for path in sorted(root.iterdir()):
         if not path.name.startswith(PREFIX):
             continue
-        if path.name.endswith(TMP_SUFFIX) or not (path / ".metadata").is_file():
+        if not _published(path):
             if warn:
-                print(f"WARNING: skipping partial checkpoint {path} (an interrupted save)",
-                      file=sys.stderr, flush=True)
+                _warn(f"skipping partial checkpoint {path} (an interrupted save)")
             continue
         found.append(path)
     return found
 
 
+# -------------------------------------------------------------------- verification
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(value) -> list:
+    rank, world = _rank_world()
+    if world == 1:
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _broadcast(value):
+    """Rank 0's value on every rank."""
+    if _rank_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _warn(message: str) -> None:
+    if _rank_world()[0] == 0:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of the manifest (size, then SHA-256) before anything is loaded.
+    Collective under a process group: each rank hashes its share of the files and every rank
+    reaches the same verdict. Raises CheckpointInvalid naming the first bad file."""
+    path = Path(path)
+    rank, world = _rank_world()
+    problem, legacy = None, False
+    try:
+        files = read_manifest(path)
+        if files is None:
+            legacy = True
+        else:
+            problem = check_files(path, files, share(list(files), rank, world))
+    except CheckpointInvalid as error:
+        problem = str(error)
+    except OSError as error:
+        problem = f"{path}: {error.strerror}"
+    problems = [p for p in _all_gather(problem) if p]
+    if problems:
+        raise CheckpointInvalid(f"checkpoint {path} failed verification: {problems[0]}")
+    if legacy:
+        _warn(f"checkpoint {path} has no {MANIFEST} (written before moetrain kept checksums): "
+              "loading it unverified")
+
+
 def resolve_resume(resume: str | None, run_dir: Path, field: str = "resume") -> Path | None:
-    """`auto`: the newest complete checkpoint of this run dir (None if there is none);
-    a path: that checkpoint, which must be complete."""
+    """Which checkpoint to load, verified. `auto`: the newest checkpoint of this run dir that
+    passes verification (each one that fails is skipped with one warning naming its bad file;
+    None if there is none); a path: that checkpoint, which must pass. Collective under a
+    process group (call it on every rank)."""
     if not resume:
         return None
-    if resume == "auto":
-        found = complete_checkpoints(checkpoint_dir(run_dir))
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / ".metadata").is_file():
-        raise ValueError(f"{field}={resume!r} is not a complete checkpoint directory (no DCP "
-                         ".metadata); use 'auto' or a checkpoints/step_XXXXXXXX path")
+    if resume != "auto":
+        path = checked_path(resume, field)
+        verify_checkpoint(path)
+        return path
+    candidates = _broadcast(complete_checkpoints(checkpoint_dir(run_dir))
+                            if _rank_world()[0] == 0 else None)
+    first_error = None
+    for path in reversed(candidates):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointInvalid as error:
+            first_error = first_error or error
+            _warn(f"{field}=auto: skipping {error}; trying an older checkpoint")
+    if first_error is not None:
+        raise CheckpointInvalid(f"{field}=auto: none of the {len(candidates)} checkpoints in "
+                                f"{checkpoint_dir(run_dir)} passed verification (newest: "
+                                f"{first_error}); move them away to start afresh")
+    return None
+
+
+def checked_path(value: str | Path, field: str = "resume") -> Path:
+    """An explicitly named checkpoint must at least be a published checkpoint directory;
+    cheap (no hashing, no collective), so every rank can check it before starting."""
+    path = Path(value)
+    if not (path.is_dir() and _published(path)):
+        raise ValueError(f"{field}={str(value)!r} is not a complete checkpoint directory (no "
+                         f"{MANIFEST} or DCP .metadata); use 'auto' or a "
+                         "checkpoints/step_XXXXXXXX path")
     return path
 
 
@@ -79,16 +172,18 @@ def quiet_single_process():
 
 
 def find_checkpoint(path: str | Path, field: str = "checkpoint") -> Path:
-    """A checkpoint directory as given, or the newest complete checkpoint of a run directory."""
+    """A checkpoint directory as given, or the newest valid checkpoint of a run directory;
+    verified either way (in this process alone, for the one-process tools)."""
     path = Path(path)
-    if (path / ".metadata").is_file():
+    if path.is_dir() and _published(path):
+        verify_checkpoint(path)
         return path
     found = complete_checkpoints(checkpoint_dir(path), warn=False) if path.is_dir() else []
     if not found:
-        raise ValueError(f"{field}={str(path)!r} is neither a checkpoint directory (with DCP "
-                         f".metadata) nor a run directory with a complete checkpoint under "
-                         f"checkpoints/")
-    return found[-1]
+        raise ValueError(f"{field}={str(path)!r} is neither a checkpoint directory (with "
+                         f"{MANIFEST} or DCP .metadata) nor a run directory with a complete "
+                         "checkpoint under checkpoints/")
+    return resolve_resume("auto", path, field=field)
 
 
 def load_run_config(checkpoint: Path):
@@ -121,15 +216,56 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"):
 
 def load_model_weights(model, checkpoint: Path) -> None:
     """Every parameter and persistent buffer of `model` (plain, or sharded by any layout) from
-    a checkpoint's `model.*` tensors, strictly: DCP reshards them to this layout."""
+    a (verified) checkpoint's `model.*` tensors, strictly: DCP reshards them to this layout."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    Checkpointer._load_strict(state, checkpoint, prefix="model.")
+    load_strict(state, checkpoint, prefix="model.")
+
+
+def load_strict(state: dict, path: Path, prefix: str = "") -> None:
+    """DCP-load `state` in place after checking that the checkpoint's keys (those starting
+    with `prefix`) are exactly these: never a model with some weights left at init."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as error:  # any failure to read it means the same thing to the user
+        raise CheckpointInvalid(f"checkpoint {path}: {path / '.metadata'} cannot be read "
+                                f"({type(error).__name__})") from None
+    saved = {k for k in metadata.state_dict_metadata if k.startswith(prefix)}
+    missing, unexpected = sorted(set(state) - saved), sorted(saved - set(state))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match this model: missing keys "
+                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
+                         f"keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    try:
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as error:
+        # DCP's own message is every rank's traceback; verification has already passed, so
+        # this is a checkpoint written before manifests or damaged in the last moments.
+        raise CheckpointInvalid(f"checkpoint {path}: its tensor data cannot be read "
+                                f"({type(error).__name__}); restore it or use an older "
+                                "checkpoint") from None
+
+
+def _read_extra(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:
+        # torch's message advises weights_only=False, which would run arbitrary pickled code
+        # from a file that has just failed to parse: never pass that advice on.
+        raise CheckpointInvalid(f"{path} cannot be read ({type(error).__name__}); the "
+                                "checkpoint is damaged") from None
 
 
 class Checkpointer:
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.root = checkpoint_dir(trainer.run_dir)
+    """Saves and restores a run's state: the model and optimizer tensors (by logical name,
+    resharded on load), the scheduler, learning rates, data position, RNG and the collapse
+    detector. It holds those objects, not the loop; `load` returns the step to continue from."""
+
+    def __init__(self, root: Path, model, optimizer, scheduler, data, detector=None,
+                 keep_last: int = 0):
+        self.root = Path(root)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.data, self.detector, self.keep_last = data, detector, keep_last
 
     # ---------------------------------------------------------------- tensors
     def _tensor_state(self) -> dict:
@@ -137,12 +273,11 @@ class Checkpointer:
         blocks, FSDP shards) and their optimizer slots are DTensors of their logical shape, so
         DCP stores each tensor once and reshards it on load; nothing is gathered on a rank.
         Loading writes into these in place: they are the parameters and the optimizer state."""
-        model, optimizer = self.trainer.model, self.trainer.optimizer
-        state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
-        for name, param in model.named_parameters():
+        state = {f"model.{name}": tensor for name, tensor in self.model.state_dict().items()}
+        for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            slots = optimizer.state[param]
+            slots = self.optimizer.state[param]
             if not slots:  # before the first step: create AdamW's slots so they can be loaded
                 slots.update(step=torch.zeros((), dtype=torch.float32),
                              exp_avg=torch.zeros_like(param),
@@ -152,88 +287,89 @@ class Checkpointer:
             state[f"optim.{name}.exp_avg_sq"] = slots["exp_avg_sq"]
         return state
 
-    def _extra_state(self) -> dict:
-        t = self.trainer
+    def _extra_state(self, step: int) -> dict:
         extra = {
-            "step": t.step,
-            "scheduler": t.scheduler.state_dict(),
-            "lr": [group["lr"] for group in t.optimizer.param_groups],
-            "data": t.data.state_dict(),
+            "step": step,
+            "scheduler": self.scheduler.state_dict(),
+            "lr": [group["lr"] for group in self.optimizer.param_groups],
+            "data": self.data.state_dict(),
             "rng_cpu": torch.get_rng_state(),
-            "detector": t.detector.state_dict() if t.detector is not None else None,
+            "detector": self.detector.state_dict() if self.detector is not None else None,
         }
         if torch.cuda.is_available():
             extra["rng_cuda"] = torch.cuda.get_rng_state()
         return extra
 
     # ---------------------------------------------------------------- save
-    def save(self, config_yaml: str) -> Path:
-        t = self.trainer
-        final = self.root / f"{PREFIX}{t.step:08d}"
+    def save(self, step: int, config_yaml: str) -> Path:
+        """Collective. Returns the published checkpoint directory."""
+        rank, world = _rank_world()
+        final = self.root / f"{PREFIX}{step:08d}"
         tmp = final.with_name(final.name + TMP_SUFFIX)
-        if t.rank == 0:
+        if rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        self._barrier()
+        _barrier()
         with quiet_single_process():
             dcp.save(self._tensor_state(), checkpoint_id=str(tmp))
-        torch.save(self._extra_state(), tmp / f"extra_rank{t.rank}.pt")
-        self._barrier()  # every rank's files are in place
-        if t.rank == 0:
+        torch.save(self._extra_state(step), tmp / f"extra_rank{rank}.pt")
+        if rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
+        _barrier()  # every rank's files are in place
+        names = _broadcast(sorted(p.name for p in tmp.iterdir() if p.is_file())
+                           if rank == 0 else None)
+        # Each rank hashes (and syncs to disk) its share, read back from the page cache.
+        entries = {}
+        for part in _all_gather({n: file_digest(tmp / n, sync=True)
+                                 for n in share(names, rank, world)}):
+            entries.update(part)
+        if rank == 0:
+            write_manifest(tmp, entries, step)
             if final.exists():  # re-saving the same step: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)  # atomic: the checkpoint appears complete or not at all
             self._prune()
-        self._barrier()
+        _barrier()
         return final
 
     def _prune(self) -> None:
-        keep = self.trainer.cfg.checkpoint.keep_last
-        if keep <= 0:
+        if self.keep_last <= 0:
             return
-        for old in complete_checkpoints(self.root, warn=False)[:-keep]:
+        for old in complete_checkpoints(self.root, warn=False)[:-self.keep_last]:
             shutil.rmtree(old)
 
     # ---------------------------------------------------------------- load
-    @staticmethod
-    def _load_strict(state: dict, path: Path, prefix: str = "") -> None:
-        """DCP-load `state` in place after checking that the checkpoint's keys (those starting
-        with `prefix`) are exactly these: never a model with some weights left at init."""
-        saved = {k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-                 if k.startswith(prefix)}
-        missing, unexpected = sorted(set(state) - saved), sorted(saved - set(state))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match this model: missing keys "
-                             f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
-                             f"keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        with quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
-
     def load_weights(self, path: Path) -> None:
         """Model weights and buffers (expert bias included) only, for a new run (init_from):
-        the optimizer, schedule, data position and step start afresh."""
-        load_model_weights(self.trainer.model, path)
+        the optimizer, schedule, data position and step start afresh. `path` is verified."""
+        load_model_weights(self.model, path)
 
-    def load(self, path: Path) -> None:
-        t = self.trainer
-        self._load_strict(self._tensor_state(), path)
-        own = path / f"extra_rank{t.rank}.pt"
-        # On a different number of ranks, every rank takes rank 0's (layout-free) extras.
-        extra = torch.load(own if own.is_file() else path / "extra_rank0.pt",
-                           weights_only=True)
-        t.step = extra["step"]
-        t.scheduler.load_state_dict(extra["scheduler"])
-        for group, lr in zip(t.optimizer.param_groups, extra["lr"]):
+    def load(self, path: Path) -> int:
+        """Restore everything from a verified checkpoint; returns its step."""
+        load_strict(self._tensor_state(), path)
+        extra = _read_extra(self._extra_path(Path(path)))
+        self.scheduler.load_state_dict(extra["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, extra["lr"]):
             group["lr"] = lr
-        t.data.load_state_dict(extra["data"])
+        self.data.load_state_dict(extra["data"])
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and torch.cuda.is_available():
             torch.cuda.set_rng_state(extra["rng_cuda"])
-        if t.detector is not None and extra["detector"] is not None:
-            t.detector.load_state_dict(extra["detector"])
+        if self.detector is not None and extra["detector"] is not None:
+            self.detector.load_state_dict(extra["detector"])
+        return extra["step"]
 
-    def _barrier(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+    @staticmethod
+    def _extra_path(path: Path) -> Path:
+        """This rank's extras when the checkpoint was written by as many ranks as there are
+        now; on another number of ranks, every rank takes rank 0's (layout-free) extras."""
+        rank, world = _rank_world()
+        listed = read_manifest(path) or {p.name: None for p in path.iterdir()}
+        written = sum(1 for name in listed if _EXTRA.fullmatch(name))
+        return path / f"extra_rank{rank if written == world else 0}.pt"
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -370,6 +370,7 @@ class WandbConfig:
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
+    plots: bool = True  # write RUN_DIR/plots/*.png at the end of every run (rank 0)
 
     def validate(self) -> None:
         _check(self.wandb.mode in WANDB_MODES,
@@ -381,6 +382,8 @@ class CheckpointConfig:
     every: int = 0  # save every N optimizer steps; 0: only at the end
     keep_last: int = 3  # complete checkpoints kept; 0 keeps all
     at_end: bool = True
+    # SIGTERM/SIGINT stop the run at the next step boundary; this writes a checkpoint there
+    on_preempt: bool = True
 
     def validate(self) -> None:
         _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0")

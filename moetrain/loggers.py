@@ -30,8 +30,10 @@ def resolve_wandb_mode(mode: str) -> str:
 
 class RunLogger:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str,
-                 total_steps: int):
-        self.run_dir = run_dir
+                 total_steps: int, start_step: int = 0, resumed_from: Path | None = None):
+        self.run_dir, self.make_plots = run_dir, cfg.plots
+        if resumed_from is not None:
+            supersede_records_after(run_dir / "metrics.jsonl", start_step)
         self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.wandb = None
         self.mode = resolve_wandb_mode(cfg.wandb.mode)
@@ -47,59 +49,98 @@ class RunLogger:
         self.bar = None
         if cfg.progress_bar:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, desc="train", file=sys.stderr,
-                            dynamic_ncols=True)
+            # `initial`: a resumed run's rates count only the steps this process ran.
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train",
+                            file=sys.stderr, dynamic_ncols=True)
+        if resumed_from is not None:
+            self.write(f"resumed from {resumed_from} at step {start_step}")
+            self.event({"event": "resume", "step": start_step, "checkpoint": str(resumed_from)})
 
     def log(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log(self._wandb_payload(record), step=record["step"])
+            self.wandb.log(wandb_payload(record), step=record["step"])
 
     def progress(self, step: int, loss: float, tokens_per_s: float, worst_max_violation):
         if self.bar is None:
             return
-        self.bar.n = step
         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if worst_max_violation is not None:
             postfix["maxvio"] = f"{worst_max_violation:.2f}"
-        self.bar.set_postfix(postfix, refresh=True)
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)  # redraws at most every mininterval
+
+    def write(self, line: str) -> None:
+        """A line for the console that does not break the progress bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def event(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
 
-    def alert(self, message: str) -> None:
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
-        self.event({"event": "collapse", "message": message})
+    def alert(self, event: dict) -> None:
+        """A collapse event {"step", "layer", "kind", "message"}: console, metrics, wandb."""
+        self.write(f"WARNING: {event['message']} (step {event['step']})")
+        self.event({"event": "collapse", **event})
         if self.wandb is not None and self.mode == "online":
-            self.wandb.alert(title="moetrain: expert collapse", text=message)
+            self.wandb.alert(title="moetrain: expert collapse", text=event["message"])
 
-    def close(self) -> None:
+    def close(self, plots: bool = True) -> None:
+        """Ends the bar, wandb and metrics.jsonl; then (rank 0, logger.plots) RUN_DIR/plots."""
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
         self.metrics.close()
-
-    def _wandb_payload(self, record: dict) -> dict:
-        import wandb
-        payload = {k: v for k, v in record.items()
-                   if isinstance(v, (int, float)) and k != "step"}
-        moe = record.get("moe")
-        if moe:
-            for key in LAYER_SCALARS:
-                for layer, value in zip(moe["layers"], moe.get(key, [])):
-                    payload[f"moe/{key}/layer{layer}"] = value
-            load = np.asarray(moe["load_fraction"])  # (L, E)
-            payload["moe/load_heatmap"] = wandb.Image(load_heatmap_pixels(load),
-                                                      caption="rows: MoE layers, cols: experts")
-            for layer, row in zip(moe["layers"], load):
-                payload[f"moe/load_hist/layer{layer}"] = wandb.Histogram(row)
-        return payload
+        if plots and self.make_plots:
+            from moetrain.plots import write_plots
+            written = write_plots(self.run_dir)
+            if written:
+                print(f"plots: {written[0].parent}/ ({len(written)} files)", file=sys.stderr,
+                      flush=True)
 
 
-def load_heatmap_pixels(load: np.ndarray, cell: int = 8) -> np.ndarray:
-    """(L, E) load fractions -> an 8-bit grey image, brighter = more load (fair share = mid)."""
-    fair = 1.0 / load.shape[1]
-    scaled = np.clip(load / (2 * fair), 0, 1)
-    pixels = (255 * scaled).astype(np.uint8)
-    return np.kron(pixels, np.ones((cell, cell), dtype=np.uint8))
+def supersede_records_after(path: Path, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: move the old records of those
+    steps to metrics.superseded.jsonl (kept, never lost) so metrics.jsonl holds one record per
+    step. The superseded file is written first; metrics.jsonl is replaced atomically."""
+    if not path.is_file():
+        return
+    keep, later = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step")
+        except ValueError:  # a line cut by a crash mid-write
+            later.append(line if line.endswith("\n") else line + "\n")
+            continue
+        (later if isinstance(record_step, int) and record_step > step else keep).append(line)
+    if not later:
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+        f.writelines(later)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def wandb_payload(record: dict) -> dict:
+    """A metrics record as wandb keys: scalars, per-layer MoE scalars, one labelled
+    layer x expert heatmap and a load histogram per layer."""
+    import wandb
+
+    from moetrain.plots import figure_to_rgb, load_heatmap_figure
+    payload = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    moe = record.get("moe")
+    if moe:
+        for key in LAYER_SCALARS:
+            for layer, value in zip(moe["layers"], moe.get(key, [])):
+                payload[f"moe/{key}/layer{layer}"] = value
+        load = np.asarray(moe["load_fraction"])  # (L, E)
+        figure = load_heatmap_figure(load, moe["layers"], step=record.get("step"))
+        payload["moe/load_heatmap"] = wandb.Image(
+            figure_to_rgb(figure), caption="load / fair share: MoE layers x experts")
+        for layer, row in zip(moe["layers"], load):
+            payload[f"moe/load_hist/layer{layer}"] = wandb.Histogram(row)
+    return payload

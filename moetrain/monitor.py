@@ -49,8 +49,9 @@ class CollapseDetector:
         self.low_entropy_for = torch.zeros(len(layer_ids), dtype=torch.long)
         self.active: set[tuple[int, str]] = set()
 
-    def update(self, global_loads: torch.Tensor) -> list[str]:
-        """Returns a message per newly detected collapse."""
+    def update(self, global_loads: torch.Tensor) -> list[dict]:
+        """An event {"layer", "kind" (starved | entropy), "message"} per newly detected
+        collapse."""
         loads = global_loads.detach().float().cpu()
         E = loads.shape[-1]
         fraction = loads / loads.sum(-1, keepdim=True).clamp(min=1)
@@ -59,24 +60,26 @@ class CollapseDetector:
         entropy = load_metrics(loads)["entropy"]
         self.low_entropy_for = torch.where(entropy < self.cfg.entropy_floor,
                                            self.low_entropy_for + 1, 0)
-        messages, now_active = [], set()
+        events, now_active = [], set()
         for i, layer in enumerate(self.layer_ids):
             experts = (self.starved_for[i] >= self.cfg.patience).nonzero().flatten().tolist()
             if experts:
                 now_active.add((layer, "starved"))
                 if (layer, "starved") not in self.active:
-                    messages.append(
-                        f"expert collapse in layer {layer}: experts {experts} below "
-                        f"{self.cfg.starve_fraction:.0%} of their fair share for "
-                        f"{self.cfg.patience} consecutive checks")
+                    events.append({"layer": layer, "kind": "starved", "experts": experts,
+                                   "message": f"expert collapse in layer {layer}: experts "
+                                   f"{experts} below {self.cfg.starve_fraction:.0%} of their "
+                                   f"fair share for {self.cfg.patience} consecutive checks"})
             if self.low_entropy_for[i] >= self.cfg.patience:
                 now_active.add((layer, "entropy"))
                 if (layer, "entropy") not in self.active:
-                    messages.append(f"expert collapse in layer {layer}: normalised load entropy "
-                                    f"{entropy[i]:.3f} below {self.cfg.entropy_floor} for "
-                                    f"{self.cfg.patience} consecutive checks")
+                    events.append({"layer": layer, "kind": "entropy",
+                                   "message": f"expert collapse in layer {layer}: normalised "
+                                   f"load entropy {entropy[i]:.3f} below "
+                                   f"{self.cfg.entropy_floor} for {self.cfg.patience} "
+                                   "consecutive checks"})
         self.active = now_active
-        return messages
+        return events
 
     def state_dict(self) -> dict:
         return {"starved_for": self.starved_for.clone(),

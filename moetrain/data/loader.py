@@ -7,6 +7,7 @@ resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 
@@ -25,10 +26,34 @@ def _local_files(path: str, field: str) -> list[str]:
         files = sorted(glob.glob(path))
     if not files:
         raise ValueError(f"{field}={path!r} does not exist (no file matches)")
+    folders = [f for f in files if os.path.isdir(f)]
+    if folders:
+        raise ValueError(f"{field}={path!r}: {folders[0]} is a directory, not a text file "
+                         "(name the files, e.g. a glob like dir/*.txt)")
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
         raise ValueError(f"{field}={path!r}: {empty[0]} is empty")
     return files
+
+
+def _unreadable(files: list[str], field: str, path: str, source: str, error: Exception) -> str:
+    """One line naming the file datasets could not read, and why."""
+    decoder = codecs.getincrementaldecoder("utf-8")
+    for name in files:
+        offset, dec = 0, decoder()
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                try:
+                    dec.decode(chunk)
+                except UnicodeDecodeError as bad:
+                    return (f"{field}={path!r}: {name} is not UTF-8 text (invalid byte at "
+                            f"offset {offset + bad.start}); data.source={source!r} reads "
+                            "UTF-8 only")
+                offset += len(chunk)
+    cause = error.__cause__ or error
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return (f"{field}={path!r}: datasets could not read it as data.source={source!r} "
+            f"({type(cause).__name__}: {reason[:200]})")
 
 
 def load_texts(cfg: DataConfig, split: str):
@@ -50,8 +75,12 @@ def load_texts(cfg: DataConfig, split: str):
                                                                        "data.val_path")
         if path is None:
             return None
-        ds = datasets.load_dataset(cfg.source, data_files=_local_files(path, field),
-                                   split="train", streaming=cfg.streaming)
+        files = _local_files(path, field)
+        try:
+            ds = datasets.load_dataset(cfg.source, data_files=files, split="train",
+                                       streaming=cfg.streaming)
+        except Exception as error:  # datasets wraps the cause in a 100-line traceback
+            raise ValueError(_unreadable(files, field, path, cfg.source, error)) from None
     columns = ds.column_names or list(next(iter(ds)).keys())
     if cfg.column not in columns:
         raise ValueError(f"data.column={cfg.column!r} is not a column of {cfg.path!r}; "

@@ -8,7 +8,7 @@ from pathlib import Path
 from moetrain.config import (BalanceConfig, CheckpointConfig, DataConfig, LoggerConfig,
                              LoopConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig,
                              RunConfig, WandbConfig)
-from moetrain.trainer import Trainer
+from moetrain.train import Trainer
 from tests.distributed.workers import gather_logical
 
 GLOBAL_BATCH = 8

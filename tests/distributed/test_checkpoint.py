@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moetrain.checkpoint import complete_checkpoints, resolve_resume
-from moetrain.trainer import Trainer
+from moetrain.train import Trainer
 from tests.distributed.ckpt_workers import losses, run_config, train
 from tests.distributed.launcher import run_distributed
 
@@ -184,14 +184,14 @@ import sys, time
 from pathlib import Path
 from moetrain.checkpoint import Checkpointer
 from tests.distributed.ckpt_workers import run_config
-from moetrain.trainer import Trainer
+from moetrain.train import Trainer
 run_dir = Path(sys.argv[1])
 original = Checkpointer._extra_state
-def extra_state(self):
-    if self.trainer.step == 4:  # the DCP files of step 4 are written; the rest never will be
+def extra_state(self, step):
+    if step == 4:  # the DCP files of step 4 are written; the rest never will be
         (run_dir / "saving").write_text("now")
         time.sleep(600)
-    return original(self)
+    return original(self, step)
 Checkpointer._extra_state = extra_state
 cfg = run_config(run_dir, "mixtral", 1, 1, steps=6)
 cfg.checkpoint.every = 2

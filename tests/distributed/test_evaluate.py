@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from moetrain.data.synthetic import generate
 from moetrain.evaluate import (eval_blocks, eval_data_config, evaluate, load_for_evaluation,
                                main, token_byte_lengths)
-from moetrain.trainer import Trainer
+from moetrain.train import Trainer
 from tests.distributed.launcher import run_distributed
 from tests.unit.test_evaluate import trained_run_config
 

@@ -16,7 +16,7 @@ from moetrain.data.tokenizer import FileTokenizer
 from moetrain.evaluate import (eval_blocks, eval_data_config, evaluate, format_report,
                                load_for_evaluation, main, token_byte_lengths)
 from moetrain.model import Transformer
-from moetrain.trainer import Trainer
+from moetrain.train import Trainer
 
 BATCH = 4
 

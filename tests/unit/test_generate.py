@@ -8,23 +8,16 @@ import pytest
 import torch
 
 from moetrain.checkpoint import load_model
-from moetrain.config import (BalanceConfig, DataConfig, LoggerConfig, LoopConfig, ModelConfig,
-                             MoEConfig, OptimConfig, RunConfig, WandbConfig)
+from moetrain.config import (DataConfig, LoggerConfig, LoopConfig, ModelConfig, MoEConfig,
+                             OptimConfig, RunConfig, WandbConfig)
 from moetrain.data.tokenizer import build_tokenizer
 from moetrain.generate import filter_logits, generate, main
 from moetrain.model import Transformer
+from moetrain.presets import tiny_deepseek, tiny_mixtral
 
 CONFIGS = {
-    "mixtral": ModelConfig(
-        vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
-        init_std=0.1, moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=32),
-        balance=BalanceConfig(aux_loss="switch", z_loss_coef=1e-3)),
-    "deepseek": ModelConfig(
-        vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64,
-        init_std=0.1, first_k_dense=1, ffn_hidden=64,
-        moe=MoEConfig(num_experts=16, top_k=4, expert_hidden=16, router="sigmoid", n_groups=4,
-                      topk_groups=2, route_scale=2.5, n_shared_experts=1),
-        balance=BalanceConfig(aux_loss="sequence", aux_loss_coef=1e-3, aux_free=True)),
+    "mixtral": tiny_mixtral(max_seq_len=64, init_std=0.1),
+    "deepseek": tiny_deepseek(max_seq_len=64, init_std=0.1),
     "dense": ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=1,
                          ffn_hidden=64, max_seq_len=64, init_std=0.1, moe=None),
 }
@@ -210,7 +203,7 @@ def test_filtering_equals_transformers_warpers(temperature, top_k, top_p):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A run directory with a checkpoint after 2 steps of a tiny MoE model, byte tokenizer."""
-    from moetrain.trainer import Trainer
+    from moetrain.train import Trainer
     run_dir = tmp_path_factory.mktemp("generate") / "run"
     cfg = RunConfig(
         run_dir=str(run_dir),

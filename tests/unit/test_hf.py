@@ -17,7 +17,7 @@ from moetrain.config import BalanceConfig, ModelConfig, MoEConfig
 from moetrain.data.tokenizer import ByteTokenizer, FileTokenizer
 from moetrain.export import main as export_main
 from moetrain.hf import export_hf, model_config_from_hf
-from moetrain.trainer import Trainer
+from moetrain.train import Trainer
 from tests.unit.test_trainer import tiny_run
 
 transformers = pytest.importorskip("transformers")

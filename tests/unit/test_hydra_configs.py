@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import moetrain.train  # noqa: F401  (registers the schema)
 from moetrain.config import RunConfig
-from moetrain.trainer import dry_run
+from moetrain.train import dry_run
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from moetrain.config import (BalanceConfig, DataConfig, LoggerConfig, LoopConfig
                              MonitorConfig, MoEConfig, OptimConfig, RunConfig, WandbConfig)
 from moetrain.monitor import CollapseDetector
 from moetrain.optim import build_optimizer, param_groups
-from moetrain.trainer import Trainer, TrainingStopped
+from moetrain.train import Trainer, TrainingStopped
 
 
 def tiny_run(tmp_path, moe=None, balance=None, steps=6, patience=4, micro_batch_size=4,
@@ -86,11 +86,11 @@ def test_wandb_offline_logs_bounded_keys_and_a_resumed_run_keeps_its_id(tmp_path
 
 
 def test_wandb_payload_keys_grow_with_layers_not_experts():
-    from moetrain.loggers import RunLogger
+    from moetrain.loggers import wandb_payload
     layers, experts = [1, 2, 3], 64
     moe = {"layers": layers, "load_fraction": [[1 / experts] * experts for _ in layers],
            **{key: [0.0] * len(layers) for key in ("max_violation_global", "load_entropy")}}
-    payload = RunLogger._wandb_payload(None, {"step": 1, "loss": 1.0, "moe": moe})
+    payload = wandb_payload({"step": 1, "loss": 1.0, "moe": moe})
     assert len(payload) == 1 + 2 * len(layers) + 1 + len(layers)  # loss, scalars, map, hists
 
 
@@ -98,16 +98,18 @@ def test_collapse_detector_patience_reporting_and_recovery():
     detector = CollapseDetector(MonitorConfig(patience=2, entropy_floor=0.2), [3], 4)
     skewed = torch.tensor([[100.0, 100.0, 100.0, 1.0]])
     assert detector.update(skewed) == []
-    messages = detector.update(skewed)
-    assert messages == ["expert collapse in layer 3: experts [3] below 10% of their fair share "
-                        "for 2 consecutive checks"]
+    events = detector.update(skewed)
+    assert events == [{"layer": 3, "kind": "starved", "experts": [3],
+                       "message": "expert collapse in layer 3: experts [3] below 10% of their "
+                                  "fair share for 2 consecutive checks"}]
     assert detector.update(skewed) == []  # reported once
     assert detector.update(torch.tensor([[1.0, 1.0, 1.0, 1.0]])) == []  # recovered
     detector.update(skewed)
     assert len(detector.update(skewed)) == 1  # a new episode is reported again
     one_expert = torch.tensor([[400.0, 0.0, 0.0, 0.0]])
     detector.update(one_expert)
-    assert any("entropy 0.000 below 0.2" in m for m in detector.update(one_expert))
+    assert any("entropy 0.000 below 0.2" in e["message"] and e["kind"] == "entropy"
+               for e in detector.update(one_expert))
 
 
 class NaNAt:

@@ -1,0 +1,3 @@
+from moetrain.train.cli import run
+
+run()

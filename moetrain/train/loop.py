@@ -1,0 +1,266 @@
+"""The pretraining loop: a Trainer composed of the pieces it drives.
+
+Order at start-up: validate the whole config (no collective yet), load and check the data, join
+the process group, pick the run directory on rank 0, build the model with the same seed on
+every rank, parallelize, choose and verify the checkpoint to continue from, then loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import torch
+import torch.distributed as dist
+
+from moetrain.checkpoint import Checkpointer, checked_path, checkpoint_dir, resolve_resume
+from moetrain.config import RunConfig
+from moetrain.data.loader import build_data
+from moetrain.hf.convert import load_hf_weights_
+from moetrain.loggers import RunLogger
+from moetrain.loss import next_token_loss
+from moetrain.model import num_params
+from moetrain.model.balance import pop_step_loads, update_expert_bias
+from moetrain.monitor import CollapseDetector, expert_load_record
+from moetrain.optim import build_optimizer
+from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, finalize_grads
+from moetrain.train.preemption import STOP, Preempted
+from moetrain.train.setup import (apply_init_from_hf, build_model, choose_run_dir, describe,
+                                  join_ranks, world_size_from_env)
+from moetrain.train.throughput import Throughput, flops_per_token, peak_flops
+
+
+class TrainingStopped(RuntimeError):
+    """A policy stopped the run (non-finite loss, expert collapse); the message says why."""
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        world = world_size_from_env()
+        hf_dir = apply_init_from_hf(cfg)
+        cfg.validate(world)
+        self.cfg = cfg
+        self.data, self.val_blocks = build_data(
+            cfg.data, cfg.train.micro_batch_size, int(os.environ.get("RANK", "0")), world,
+            cfg.model.vocab_size, cfg.train.grad_accum)
+        # An explicit checkpoint path is checked on every rank, before any collective.
+        init_from = (checked_path(cfg.init_from, "init_from")
+                     if cfg.init_from and hf_dir is None else None)
+        if cfg.resume not in (None, "auto"):
+            checked_path(cfg.resume)
+        self.ranks = join_ranks(cfg)
+        self.rank, self.world, self.device = self.ranks.rank, self.ranks.world, self.ranks.device
+        self.run_dir = choose_run_dir(cfg, self.ranks)
+
+        self.model, self.module, self.mesh = build_model(cfg, self.ranks)
+        self.fsdp = self.world > 1 and cfg.parallel.data_parallel == "fsdp"
+        self.moe_layers = self.model.moe_layers()
+        self.moe_layer_ids = [i for i, layer in enumerate(self.model.layers) if layer.is_moe]
+        self.reduce = all_reduce_sum(dist.group.WORLD) if self.ranks.distributed else None
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, cfg.train.steps)
+        self.detector = (CollapseDetector(cfg.monitor, self.moe_layer_ids,
+                                          cfg.model.moe.num_experts) if self.moe_layers else None)
+        self.checkpointer = Checkpointer(
+            checkpoint_dir(self.run_dir), self.model, self.optimizer, self.scheduler, self.data,
+            self.detector, keep_last=cfg.checkpoint.keep_last)
+        self.step = 0
+        self.logger = None
+        self.signals = STOP
+        # Verified collectively: each rank hashes its share of the files.
+        self.resumed_from = resolve_resume(cfg.resume, self.run_dir)
+        if self.resumed_from is not None:
+            self.step = self.checkpointer.load(self.resumed_from)
+        elif init_from is not None:
+            resolve_resume(str(init_from), self.run_dir, field="init_from")  # verifies
+            self.checkpointer.load_weights(init_from)
+        elif hf_dir is not None:
+            load_hf_weights_(self.model, hf_dir)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        """bf16 on CUDA: FSDP's mixed-precision policy, or else autocast."""
+        if self.device.type == "cuda" and not self.fsdp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_on(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T + 1) -> (cross-entropy, aux loss)."""
+        with self._autocast():
+            logits, aux = self.module(tokens[:, :-1])
+        return next_token_loss(logits, tokens), aux
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        accum = cfg.train.grad_accum
+        ce_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            tokens = self.data.next_batch().to(self.device)
+            # DDP (and FSDP with parallel.fsdp_defer_sync) reduces gradients once, in the last
+            # micro-batch's backward; FSDP otherwise reduce-scatters after each one.
+            with (accumulating(self.module, cfg.parallel.fsdp_defer_sync)
+                  if micro < accum - 1 else contextlib.nullcontext()):
+                ce, aux = self.loss_on(tokens)
+                ((ce + aux) / accum).backward()
+            ce_sum += ce.detach() / accum
+            aux_sum += aux.detach() / accum
+        if self.ranks.distributed:
+            finalize_grads(self.model, self.mesh)
+        # A stop signal on any rank rides on the step's one all-reduce: every rank learns of
+        # it after the same step.
+        signum = self.signals.signum
+        flags = [float(signum == s) for s in (signal.SIGTERM, signal.SIGINT)]
+        losses = torch.tensor([0.0, 0.0, *flags], device=self.device)
+        losses[0], losses[1] = ce_sum, aux_sum
+        if self.reduce is not None:
+            losses = self.reduce(losses)
+            losses[:2] /= self.world
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = clip_grad_norm_(self.model, max_norm)
+        ce_value, aux_value, sigterm, sigint = losses.tolist()  # one sync per step
+        loads = pop_step_loads(self.moe_layers, self.reduce) if self.moe_layers else None
+        finite = math.isfinite(ce_value + aux_value) and math.isfinite(grad_norm.item())
+        if finite:
+            self.optimizer.step()
+            if loads is not None and cfg.model.balance.aux_free:
+                update_expert_bias(self.moe_layers, loads, cfg.model.balance.bias_update_rate,
+                                   cfg.model.balance.bias_center)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if not finite:
+            message = (f"non-finite loss at step {self.step + 1} (cross-entropy {ce_value}, "
+                       f"aux {aux_value}, grad norm {grad_norm.item()})")
+            if cfg.train.on_nonfinite == "stop":
+                raise TrainingStopped(message + "; stopping (train.on_nonfinite=stop); no "
+                                      "checkpoint of these weights is written")
+            self._warn(message + "; step skipped (train.on_nonfinite=skip)")
+        return {"ce_loss": ce_value, "aux_loss": aux_value, "loss": ce_value + aux_value,
+                "grad_norm": grad_norm.item(), "loads": loads, "skipped": not finite,
+                "stop_signal": (signal.SIGTERM if sigterm else signal.SIGINT if sigint
+                                else None)}
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean validation cross-entropy over the same number of batches on every rank (the
+        MoE layers hold collectives, so every rank must run every forward)."""
+        if self.val_blocks is None:
+            return None
+        per_rank = len(self.val_blocks) // self.world
+        if per_rank == 0:
+            return None
+        size = min(self.cfg.train.micro_batch_size, per_rank)
+        batches = min(self.cfg.train.val_batches, per_rank // size)
+        shard = self.val_blocks[self.rank * per_rank:(self.rank + 1) * per_rank]
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(batches):
+            ce, _ = self.loss_on(shard[i * size:(i + 1) * size].to(self.device))
+            total += ce
+        self.model.train()
+        total = total / batches
+        if self.reduce is not None:
+            total = self.reduce(total) / self.world
+        return total.item()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train to train.steps (or exit_at_step); returns the last step's summary. Raises
+        Preempted after a SIGTERM/SIGINT, once the stop checkpoint is written."""
+        from omegaconf import OmegaConf
+        cfg = self.cfg
+        resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(resolved)
+            print(describe(cfg, self.model, self.world), flush=True)
+            print(f"run dir: {self.run_dir}", flush=True)
+            self.logger = RunLogger(cfg.logger, self.run_dir,
+                                    OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                    cfg.name, cfg.train.steps, start_step=self.step,
+                                    resumed_from=self.resumed_from)
+        tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+                           * self.world)
+        throughput = Throughput(tokens_per_step,
+                                flops_per_token(cfg, num_params(self.model)["active"]),
+                                peak_flops(self.device, cfg.train.peak_tflops), self.world)
+        summary = {}
+        finished = False
+        installed_here = self.signals.install()
+        try:
+            self.signals.signum, self.signals.armed = None, True
+            while self.step < cfg.train.steps:
+                out = self.train_step()
+                self.step += 1
+                throughput.step()
+                self._log(out, throughput, summary)
+                summary.update(step=self.step, loss=out["loss"])
+                if out["stop_signal"] is not None:
+                    self._stop_on_signal(out["stop_signal"], resolved)
+                last = self.step == cfg.train.steps
+                exiting = self.step == cfg.train.exit_at_step and not last
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or (last and cfg.checkpoint.at_end) \
+                        or exiting:
+                    self.checkpointer.save(self.step, resolved)
+                if exiting:
+                    break
+            finished = True
+        finally:
+            self.signals.armed = False
+            if installed_here:
+                self.signals.uninstall()
+            if self.logger is not None:
+                self.logger.close(plots=finished or self.signals.requested)
+        return summary
+
+    def _log(self, out: dict, throughput: Throughput, summary: dict) -> None:
+        cfg, step = self.cfg, self.step
+        last = step == cfg.train.steps
+        record = None
+        if step % cfg.train.log_every == 0 or last:
+            record = {"step": step, "loss": out["loss"], "ce_loss": out["ce_loss"],
+                      "aux_loss": out["aux_loss"], "grad_norm": out["grad_norm"],
+                      "lr": self.scheduler.get_last_lr()[0], **throughput.read(),
+                      "tokens_seen": throughput.tokens_per_step * step}
+            if out["loads"] is not None:
+                if self.logger is not None:  # rank 0 alone writes the record
+                    record["moe"] = expert_load_record(self.moe_layers, self.moe_layer_ids,
+                                                       out["loads"])
+                self._check_collapse(out["loads"])  # every rank: a stop is collective
+        if cfg.train.val_every and (step % cfg.train.val_every == 0 or last):
+            val_loss = self.validate()
+            if val_loss is not None:
+                record = record or {"step": step}
+                record["val_loss"] = val_loss
+                summary["val_loss"] = val_loss
+        if record is not None and self.logger is not None:
+            self.logger.log(record)
+            if "tokens_per_s" in record:
+                worst = (max(record["moe"]["max_violation_global"]) if "moe" in record
+                         else None)
+                self.logger.progress(step, out["loss"], record["tokens_per_s"], worst)
+
+    def _stop_on_signal(self, signum: int, resolved: str) -> None:
+        name = signal.Signals(signum).name
+        where = f"stopped by {name} after step {self.step} of {self.cfg.train.steps}"
+        if self.cfg.checkpoint.on_preempt:
+            path = self.checkpointer.save(self.step, resolved)
+            message = f"{where}; checkpoint saved: {path} (continue with resume=auto)"
+        else:
+            message = f"{where}; no checkpoint written (checkpoint.on_preempt=false)"
+        if self.logger is not None:
+            self.logger.event({"event": "preempted", "step": self.step, "signal": name})
+        raise Preempted(message, signum)
+
+    def _check_collapse(self, loads: torch.Tensor) -> None:
+        events = self.detector.update(loads)
+        for event in events:
+            if self.logger is not None:
+                self.logger.alert({**event, "step": self.step})
+        if events and self.cfg.monitor.on_collapse == "stop":
+            raise TrainingStopped(f"{events[0]['message']} at step {self.step}; stopping "
+                                  "(monitor.on_collapse=stop)")
+
+    def _warn(self, message: str) -> None:
+        if self.logger is not None:
+            self.logger.write(f"WARNING: {message}")

@@ -1,0 +1,145 @@
+"""Start-up of a training run: the config checks that need no collective, the ranks, the run
+directory, and the model built and parallelized for this rank."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moetrain.config import RunConfig
+from moetrain.hf.convert import import_model_config
+from moetrain.hf.tokenizer import tokenizer_setting
+from moetrain.model import Transformer, num_params
+from moetrain.parallel import build_mesh, init_distributed, parallelize
+from moetrain.parallel.memory import format_bytes, state_bytes_per_rank
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def apply_init_from_hf(cfg: RunConfig) -> str | None:
+    """With init_from=hf:DIR, the model's architecture (and, unless one is set, the tokenizer)
+    come from that transformers checkpoint; returns DIR, or None for any other init_from."""
+    if not (cfg.init_from and cfg.init_from.startswith("hf:")):
+        return None
+    hf_dir = cfg.init_from[3:]
+    cfg.model = import_model_config(hf_dir, keep=cfg.model)
+    if cfg.data.tokenizer == "byte" and tokenizer_setting(hf_dir) != "byte":
+        cfg.data.tokenizer = tokenizer_setting(hf_dir)
+        print(f"init_from=hf:{hf_dir}: using its tokenizer (data.tokenizer="
+              f"{cfg.data.tokenizer})", flush=True)
+    return hf_dir
+
+
+def describe(cfg: RunConfig, model: Transformer, world: int) -> str:
+    counts = num_params(model)
+    lines = [f"parameters: {counts['total']:,} total, {counts['active']:,} active per token"]
+    moe = cfg.model.moe
+    if moe is not None:
+        ep = cfg.parallel.ep
+        lines.append(f"experts: {moe.num_experts} per MoE layer x {len(cfg.model.moe_layers)} "
+                     f"layers, top-{moe.top_k}, {moe.num_experts // ep} per rank")
+    else:
+        lines.append("experts: none (dense model)")
+    par = cfg.parallel
+    kind = "none (one process)" if world == 1 else par.data_parallel
+    if world > 1 and par.data_parallel == "fsdp" and par.dp_replicate > 1:
+        kind = f"hsdp ({par.dp_replicate} replicas x {world // par.dp_replicate} shards)"
+    lines.append(f"mesh: world {world} = ep {par.ep} x edp {world // par.ep}; "
+                 f"data parallel: {kind}")
+    state = state_bytes_per_rank(model, par, world)
+    lines.append("per rank (fp32): " + ", ".join(f"{name} {format_bytes(size)}"
+                                                  for name, size in state.items())
+                 + f"; total {format_bytes(sum(state.values()))} before activations")
+    return "\n".join(lines)
+
+
+def dry_run(cfg: RunConfig) -> dict:
+    """Build on the meta device (no memory, any size) and report sizes and layout."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    print(describe(cfg, model, world_size_from_env()), flush=True)
+    return num_params(model)
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world: int
+    distributed: bool  # a process group exists (also for a torchrun job of one rank)
+    device: torch.device
+
+    def broadcast(self, value):
+        """Rank 0's value on every rank."""
+        if self.distributed and self.world > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return value
+
+
+def join_ranks(cfg: RunConfig) -> Ranks:
+    world = world_size_from_env()
+    distributed = world > 1 or "MASTER_ADDR" in os.environ
+    rank, world = init_distributed(cfg.parallel.timeout_s) if distributed else (0, 1)
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    return Ranks(rank, world, distributed, device)
+
+
+def check_run_dir(path: str | Path) -> None:
+    """A run directory that cannot be created fails here, in one line, before any work."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"run_dir={str(path)!r} cannot be created: {parent} is a "
+                                 "file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK) and parent != path:
+                raise ValueError(f"run_dir={str(path)!r} cannot be created: {parent} is not "
+                                 "writable")
+            return
+
+
+def choose_run_dir(cfg: RunConfig, ranks: Ranks) -> Path:
+    """Rank 0 decides and creates it; the others receive the same path (or the same error)."""
+    path, error = None, None
+    if ranks.rank == 0:
+        path = cfg.run_dir or os.path.join(
+            "runs", f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        try:
+            check_run_dir(path)
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except ValueError as bad:
+            error = str(bad)
+        except OSError as bad:
+            error = f"run_dir={str(path)!r} cannot be created: {bad.strerror}"
+    path, error = ranks.broadcast((path, error))
+    if error:
+        raise ValueError(error)
+    return Path(path)
+
+
+def build_model(cfg: RunConfig, ranks: Ranks):
+    """(model, module, mesh): the plain model (parameters, possibly DTensors) and the module
+    to call (wrapped for data parallelism). Built on the meta device; parallelize
+    materialises only this rank's shards, with the weights one process would have for this
+    seed."""
+    torch.manual_seed(cfg.train.seed)  # the same router-jitter stream on every rank
+    mesh = None
+    if ranks.distributed:
+        mesh = build_mesh(cfg.parallel, cfg.model.moe.num_experts if cfg.model.moe else None)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    fsdp = ranks.world > 1 and cfg.parallel.data_parallel == "fsdp"
+    module = parallelize(
+        model, mesh, cfg.parallel, device=ranks.device, seed=cfg.train.seed,
+        activation_checkpointing=cfg.train.activation_checkpointing == "full",
+        compile=cfg.train.compile, mixed_precision=fsdp and ranks.device.type == "cuda")
+    return model, module, mesh
