@@ -13,7 +13,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
     [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=2
 fi
 ENTRY=${MOETRAIN_ENTRY:--m moetrain.train}
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m moetrain.launcher \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id "${RDZV_ID:-moetrain}" --max-restarts "${MAX_RESTARTS:-0}" \

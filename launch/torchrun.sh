@@ -11,5 +11,7 @@ if [ -z "${NPROC:-}" ]; then
     [ "$NPROC" -gt 0 ] || NPROC=2
 fi
 ENTRY=${MOETRAIN_ENTRY:--m moetrain.train}
+# moetrain.launcher is torchrun (same options) that checks the config once before starting
+# ranks and reports a failed rank in one line (exit 2 for a config or data error).
 # torchrun sets OMP_NUM_THREADS=1 per rank unless told otherwise; on CPU that is what we want.
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" $ENTRY "$@"
+exec "$PYTHON" -m moetrain.launcher --standalone --nproc-per-node "$NPROC" $ENTRY "$@"

@@ -98,8 +98,7 @@ class RunLogger:
             from moetrain.plots import write_plots
             written = write_plots(self.run_dir)
             if written:
-                print(f"plots: {written[0].parent}/ ({len(written)} files)", file=sys.stderr,
-                      flush=True)
+                print(f"plots: {written[0].parent}/ ({len(written)} files)", flush=True)
 
 
 def supersede_records_after(path: Path, step: int) -> None:

@@ -62,15 +62,15 @@ def config_from_overrides(overrides: list[str]) -> RunConfig:
     """The RunConfig of `python -m moetrain.train OVERRIDES`, composed in this process (no
     Hydra run): what a launcher checks before it starts any rank."""
     from hydra import compose, initialize_config_dir
-    from omegaconf.errors import ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             dict_cfg = compose(config_name="train", overrides=list(overrides))
     except Exception as error:
         cause = error.__cause__
-        if isinstance(cause, ConfigKeyError) and cause.full_key:
-            raise ValueError(f"unknown config key {cause.full_key!r} (in "
-                             f"{' '.join(overrides)})") from None
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+            raise ValueError(f"unknown config key {cause.full_key!r}; see configs/ and "
+                             "moetrain/config.py for the valid keys") from None
         reason = " ".join(str(error).split())  # Hydra's messages span lines
         raise ValueError(f"invalid overrides: {reason}") from None
     return to_run_config(dict_cfg)

@@ -17,6 +17,7 @@ from moetrain.config import BalanceConfig, ModelConfig, MoEConfig
 from moetrain.data.tokenizer import ByteTokenizer, FileTokenizer
 from moetrain.export import main as export_main
 from moetrain.hf import export_hf, model_config_from_hf
+from moetrain.integrity import MANIFEST, file_digest
 from moetrain.train import Trainer
 from tests.unit.test_trainer import tiny_run
 
@@ -213,6 +214,16 @@ def test_bf16_export_keeps_the_selection_bias_in_fp32(tmp_path):
                             ).dtype == torch.float32
 
 
+def save_config_as_if_written(yaml, config: Path) -> None:
+    """Edit a checkpoint's config.yaml and its manifest entry, as if the run had saved it so
+    (an edit alone fails verification, as it should)."""
+    from omegaconf import OmegaConf
+    OmegaConf.save(yaml, config)
+    manifest = json.loads((config.parent / MANIFEST).read_text())
+    manifest["files"]["config.yaml"] = file_digest(config)
+    (config.parent / MANIFEST).write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(router="expert_choice", top_k=2, n_groups=1, topk_groups=1),
      "moe.router='expert_choice'"),
@@ -229,7 +240,7 @@ def test_export_refuses_settings_without_equivalent_before_writing(tmp_path, cha
         yaml.model.moe[key] = value
     if change.get("router") == "expert_choice":
         yaml.model.balance.aux_free = False
-    OmegaConf.save(yaml, config)
+    save_config_as_if_written(yaml, config)
     assert export_main([str(run_dir), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.replace("\\", "") in err[0], err
@@ -315,7 +326,7 @@ def test_a_tokenizers_file_used_for_training_is_copied_as_is(tmp_path):
     from omegaconf import OmegaConf
     yaml = OmegaConf.load(config)
     yaml.data.tokenizer = str(tmp_path / "tok.json")
-    OmegaConf.save(yaml, config)
+    save_config_as_if_written(yaml, config)
     out = export_hf(run_dir, tmp_path / "hf")
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok.json").read_bytes()
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
