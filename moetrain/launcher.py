@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MOETRAIN_LAUNCHER"] = "1"  # ranks leave their error line to us
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner
-    # The agent's own warnings repeat what the ranks and this function say.
-    for name in ("torch.distributed.elastic", "torch.distributed.run"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # The agent's own warnings repeat what the ranks and this function say. Its loggers set
+    # their own levels at import, so each is quietened by name.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run",
+                            "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError as error:

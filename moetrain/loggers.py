@@ -62,13 +62,19 @@ class RunLogger:
             self.wandb.log(wandb_payload(record), step=record["step"])
 
     def progress(self, step: int, loss: float, tokens_per_s: float, worst_max_violation):
+        """The figures shown beside the bar (each log step)."""
         if self.bar is None:
             return
         postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if worst_max_violation is not None:
             postfix["maxvio"] = f"{worst_max_violation:.2f}"
         self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(step - self.bar.n)  # redraws at most every mininterval
+        self.advance(step)
+
+    def advance(self, step: int) -> None:
+        """Every step; tqdm redraws at most every mininterval."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
 
     def write(self, line: str) -> None:
         """A line for the console that does not break the progress bar."""

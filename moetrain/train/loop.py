@@ -233,12 +233,15 @@ class Trainer:
                 record = record or {"step": step}
                 record["val_loss"] = val_loss
                 summary["val_loss"] = val_loss
-        if record is not None and self.logger is not None:
+        if self.logger is None:
+            return
+        if record is not None:
             self.logger.log(record)
-            if "tokens_per_s" in record:
-                worst = (max(record["moe"]["max_violation_global"]) if "moe" in record
-                         else None)
-                self.logger.progress(step, out["loss"], record["tokens_per_s"], worst)
+        if record is not None and "tokens_per_s" in record:
+            worst = max(record["moe"]["max_violation_global"]) if "moe" in record else None
+            self.logger.progress(step, out["loss"], record["tokens_per_s"], worst)
+        else:
+            self.logger.advance(step)
 
     def _stop_on_signal(self, signum: int, resolved: str) -> None:
         name = signal.Signals(signum).name
