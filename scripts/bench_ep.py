@@ -25,15 +25,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from moetrain.config import BalanceConfig, MoEConfig, ParallelConfig
+from moetrain.config import BalanceConfig, ParallelConfig
 from moetrain.model.moe import MoE
 from moetrain.parallel import init_distributed
 from moetrain.parallel.parallelize import apply_expert_parallel
+from moetrain.presets import bench_moe_layers
 
-CONFIGS = {
-    "E8k2": MoEConfig(num_experts=8, top_k=2, expert_hidden=1024),
-    "E64k8s1": MoEConfig(num_experts=64, top_k=8, expert_hidden=256, n_shared_experts=1),
-}
+CONFIGS = bench_moe_layers()
 
 
 class CommTimer:

@@ -17,20 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-from moetrain.config import ModelConfig, RunConfig
+from moetrain.config import RunConfig
 from moetrain.model import Transformer
 from moetrain.parallel.memory import format_bytes
-
-REPO = Path(__file__).resolve().parents[1]
+from moetrain.presets import shipped_model
 
 
 def write_checkpoint(model_name: str, root: Path) -> tuple[int, int]:
-    values = OmegaConf.load(REPO / f"configs/model/{model_name}.yaml")
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
+    model_cfg = shipped_model(model_name)
     model = Transformer(model_cfg)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     checkpoint = root / "checkpoints" / "step_00000001"

@@ -31,23 +31,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor
 
-from moetrain.config import ModelConfig, ParallelConfig
+from moetrain.config import ParallelConfig
 from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 from moetrain.parallel import (accumulating, build_mesh, clip_grad_norm_, finalize_grads,
                                init_distributed, parallelize)
 from moetrain.parallel.memory import (format_bytes, peak_resident_bytes, reset_peak_resident,
                                       resident_bytes)
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def model_config(name: str) -> ModelConfig:
-    values = OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
+from moetrain.presets import shipped_model
 
 
 def local_bytes(tensors) -> int:
@@ -82,7 +75,7 @@ def measure(rank: int, world: int, model_name: str, pcfg: ParallelConfig, steps:
     init_distributed(timeout_s=600)
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
-    cfg = model_config(model_name)
+    cfg = shipped_model(model_name)
     mesh = build_mesh(pcfg, cfg.moe.num_experts)
     with torch.device("meta"):  # one-time lazy set-up of meta kernels, not the model's memory
         Transformer(cfg)
@@ -171,7 +164,7 @@ def main():
                         help="FSDP keeps parameters and gradients unsharded between the two "
                              "micro-batches (parallel.fsdp_defer_sync)")
     args = parser.parse_args()
-    cfg = model_config(args.model)
+    cfg = shipped_model(args.model)
     with torch.device("meta"):
         total = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"model={args.model}: {total / 1e6:.1f}M parameters; per rank 2 micro-batches of "

@@ -20,14 +20,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moetrain.config import BalanceConfig, MoEConfig
+from moetrain.config import BalanceConfig
 from moetrain.model.experts import SwiGLU
 from moetrain.model.moe import MoE
+from moetrain.presets import bench_moe_layers
 
-CONFIGS = {
-    "E8k2": MoEConfig(num_experts=8, top_k=2, expert_hidden=1024),
-    "E64k8s1": MoEConfig(num_experts=64, top_k=8, expert_hidden=256, n_shared_experts=1),
-}
+CONFIGS = bench_moe_layers()
 
 
 def sync(device):

@@ -21,6 +21,7 @@ import torch
 from moetrain.config import BalanceConfig, ModelConfig, MoEConfig
 from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
+from moetrain.probes import saved_activation_bytes
 
 CONFIGS = {
     "mixtral-like": ModelConfig(
@@ -36,34 +37,22 @@ CONFIGS = {
 }
 
 
-def step(model, tokens, device):
+def forward(model, tokens, device):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits, aux = model(tokens[:, :-1])
+        return model(tokens[:, :-1])
+
+
+def step(model, tokens, device):
+    logits, aux = forward(model, tokens, device)
     loss = next_token_loss(logits, tokens) + aux
     loss.backward()
-
-
-def saved_bytes(model, tokens, device) -> int:
-    params = {p.data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            model(tokens[:, :-1])
-    return total
 
 
 def measure(cfg, recompute, tokens, device, repeats):
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
     model.checkpoint_activations(recompute)
-    saved = saved_bytes(model, tokens, device)
+    saved = saved_activation_bytes(model, lambda: forward(model, tokens, device))
     times = []
     for i in range(repeats + 1):
         model.zero_grad(set_to_none=True)

@@ -10,40 +10,32 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from moetrain.config import BalanceConfig, ModelConfig, MoEConfig, ParallelConfig
+from moetrain.config import ModelConfig, ParallelConfig
 from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 from moetrain.model.balance import pop_step_loads, update_expert_bias
 from moetrain.parallel import (accumulating, all_reduce_sum, build_mesh, clip_grad_norm_,
                                finalize_grads, parallelize)
+from moetrain.presets import tiny_deepseek, tiny_expert_choice, tiny_mixtral
+from moetrain.probes import ForwardCounter
 
 STEPS, LR, EPS, CLIP, GLOBAL_BATCH, SEQ, SEED = 5, 1e-3, 1e-6, 0.5, 8, 16, 7
 
 
 def family(name: str, capacity_factor=None) -> ModelConfig:
+    """A tiny preset of moetrain.presets at SEQ positions, with smaller experts and larger
+    balancing coefficients than the unit tests use."""
     if name == "expert_choice":  # a variable number of experts per token through the exchange
-        return ModelConfig(
-            vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=SEQ,
-            moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=16, router="expert_choice",
-                          capacity_factor=capacity_factor),
-            balance=BalanceConfig(z_loss_coef=1e-3))
+        return tiny_expert_choice(max_seq_len=SEQ, n_kv_heads=None,
+                                  moe=dict(expert_hidden=16, capacity_factor=capacity_factor))
     if name.startswith("mixtral"):
         stats = "global_batch" if name == "mixtral_global" else "micro_batch"
-        return ModelConfig(
-            vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=SEQ,
-            tie_embeddings=name == "mixtral_tied",
-            moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=16,
-                          capacity_factor=capacity_factor),
-            balance=BalanceConfig(aux_loss="switch", aux_loss_coef=0.1, aux_loss_stats=stats,
-                                  z_loss_coef=1e-3))
-    return ModelConfig(
-        vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=SEQ,
-        first_k_dense=1, ffn_hidden=48,
-        moe=MoEConfig(num_experts=16, top_k=4, expert_hidden=8, router="sigmoid", n_groups=4,
-                      topk_groups=2, route_scale=2.5, n_shared_experts=1,
-                      capacity_factor=capacity_factor),
-        balance=BalanceConfig(aux_loss="sequence", aux_loss_coef=0.01, aux_free=True,
-                              bias_update_rate=0.01))
+        return tiny_mixtral(max_seq_len=SEQ, tie_embeddings=name == "mixtral_tied",
+                            moe=dict(expert_hidden=16, capacity_factor=capacity_factor),
+                            balance=dict(aux_loss_coef=0.1, aux_loss_stats=stats))
+    return tiny_deepseek(max_seq_len=SEQ, ffn_hidden=48,
+                         moe=dict(expert_hidden=8, capacity_factor=capacity_factor),
+                         balance=dict(aux_loss_coef=0.01, bias_update_rate=0.01))
 
 
 def global_batch() -> torch.Tensor:
@@ -162,9 +154,7 @@ def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
     mesh = mesh_for(pcfg, cfg.moe.num_experts)
     with torch.device("meta"):  # as the trainer does: only this rank's shards are ever built
         model = Transformer(copy.deepcopy(cfg))
-    moe_forwards = [0]  # twice per step and layer when the backward recomputes
-    for moe in model.moe_layers():
-        moe.register_forward_hook(lambda *_: moe_forwards.__setitem__(0, moe_forwards[0] + 1))
+    moe_forwards = ForwardCounter(model.moe_layers())  # twice per layer when recomputed
     module = parallelize(model, mesh, pcfg, seed=SEED, activation_checkpointing=case.recompute)
     init_state = gather_logical(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
@@ -195,7 +185,7 @@ def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
     return {"losses": losses, "counts": torch.stack(counts), "grad_norms": norms,
             "first_grads": first_grads, "init_state": init_state,
             "state": gather_logical(model.state_dict()),
-            "moe_forwards": moe_forwards[0] / (steps * case.accum * len(model.moe_layers())),
+            "moe_forwards": moe_forwards.calls / (steps * case.accum * len(model.moe_layers())),
             "expert_bias": [m.router.expert_bias.clone() for m in model.moe_layers()
                             if hasattr(m.router, "expert_bias")]}
 

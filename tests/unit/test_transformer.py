@@ -3,22 +3,12 @@ import math
 import pytest
 import torch
 
-from moetrain.config import BalanceConfig, ModelConfig, MoEConfig
+from moetrain.config import ModelConfig, MoEConfig
 from moetrain.loss import next_token_loss
 from moetrain.model import Transformer, num_params
+from moetrain.presets import tiny_deepseek, tiny_mixtral
 
-FAMILIES = {
-    "mixtral": ModelConfig(
-        vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
-        moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=32),
-        balance=BalanceConfig(aux_loss="switch", aux_loss_coef=0.01, z_loss_coef=1e-3)),
-    "deepseek": ModelConfig(
-        vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32,
-        first_k_dense=1, ffn_hidden=64,
-        moe=MoEConfig(num_experts=16, top_k=4, expert_hidden=16, router="sigmoid", n_groups=4,
-                      topk_groups=2, route_scale=2.5, n_shared_experts=1),
-        balance=BalanceConfig(aux_loss="sequence", aux_loss_coef=1e-3, aux_free=True)),
-}
+FAMILIES = {"mixtral": tiny_mixtral(), "deepseek": tiny_deepseek()}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
