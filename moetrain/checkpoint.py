@@ -141,7 +141,7 @@ def resolve_resume(resume: str | None, run_dir: Path, field: str = "resume") -> 
             return path
         except CheckpointInvalid as error:
             first_error = first_error or error
-            _warn(f"{field}=auto: skipping {error}; trying an older checkpoint")
+            _warn(f"{field}=auto: {error}; trying an older checkpoint")
     if first_error is not None:
         raise CheckpointInvalid(f"{field}=auto: none of the {len(candidates)} checkpoints in "
                                 f"{checkpoint_dir(run_dir)} passed verification (newest: "

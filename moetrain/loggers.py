@@ -53,7 +53,7 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train",
                             file=sys.stderr, dynamic_ncols=True)
         if resumed_from is not None:
-            self.write(f"resumed from {resumed_from} at step {start_step}")
+            self.write(f"resumed from {resumed_from} at step {start_step}", file=sys.stdout)
             self.event({"event": "resume", "step": start_step, "checkpoint": str(resumed_from)})
 
     def log(self, record: dict) -> None:
@@ -76,12 +76,13 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
 
-    def write(self, line: str) -> None:
-        """A line for the console that does not break the progress bar."""
+    def write(self, line: str, file=None) -> None:
+        """A line for the console (stderr unless `file`) that does not break the bar."""
+        file = file or sys.stderr
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
+            self.bar.write(line, file=file)
         else:
-            print(line, file=sys.stderr, flush=True)
+            print(line, file=file, flush=True)
 
     def event(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -93,18 +94,24 @@ class RunLogger:
         if self.wandb is not None and self.mode == "online":
             self.wandb.alert(title="moetrain: expert collapse", text=event["message"])
 
-    def close(self, plots: bool = True) -> None:
-        """Ends the bar, wandb and metrics.jsonl; then (rank 0, logger.plots) RUN_DIR/plots."""
+    def close(self) -> None:
+        """Ends the bar, wandb and metrics.jsonl; then (logger.plots) writes RUN_DIR/plots."""
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
         self.metrics.close()
-        if plots and self.make_plots:
-            from moetrain.plots import write_plots
+        if not self.make_plots:
+            return
+        from moetrain.plots import write_plots
+        try:
             written = write_plots(self.run_dir)
-            if written:
-                print(f"plots: {written[0].parent}/ ({len(written)} files)", flush=True)
+        except Exception as error:  # never mask how the run ended
+            print(f"WARNING: plots not written: {type(error).__name__}: {error}",
+                  file=sys.stderr, flush=True)
+            return
+        if written:
+            print(f"plots: {written[0].parent}/ ({len(written)} files)", flush=True)
 
 
 def supersede_records_after(path: Path, step: int) -> None:

@@ -184,7 +184,6 @@ class Trainer:
                                 flops_per_token(cfg, num_params(self.model)["active"]),
                                 peak_flops(self.device, cfg.train.peak_tflops), self.world)
         summary = {}
-        finished = False
         installed_here = self.signals.install()
         try:
             self.signals.signum, self.signals.armed = None, True
@@ -204,13 +203,12 @@ class Trainer:
                     self.checkpointer.save(self.step, resolved)
                 if exiting:
                     break
-            finished = True
         finally:
             self.signals.armed = False
             if installed_here:
                 self.signals.uninstall()
             if self.logger is not None:
-                self.logger.close(plots=finished or self.signals.requested)
+                self.logger.close()  # plots too: a stopped run is the one to look at
         return summary
 
     def _log(self, out: dict, throughput: Throughput, summary: dict) -> None:

@@ -38,7 +38,8 @@ def run_config(run_dir, family, world, ep, steps=10, data_parallel="fsdp", dp_re
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
         train=LoopConfig(**train),
         checkpoint=CheckpointConfig(every=5, keep_last=0),
-        logger=LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=False), **extra)
+        logger=LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=False,
+                            plots=False), **extra)
 
 
 def train(rank, world, run_dir, family, ep, **kwargs) -> dict:

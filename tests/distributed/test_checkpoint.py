@@ -36,6 +36,20 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ckpt"))
 
 
+def test_a_missing_per_rank_file_is_found_before_loading(root, tmp_path):
+    """extra_rank1.pt of a world-2 checkpoint deleted: never resumed with rank 0's extras."""
+    import shutil
+    from moetrain.integrity import CheckpointInvalid
+    ref_dir, _ = straight("mixtral", root)
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    missing = run_dir / "checkpoints" / "step_00000010" / "extra_rank1.pt"
+    missing.unlink()
+    with pytest.raises(CheckpointInvalid, match=f"{missing} is missing"):
+        resolve_resume(str(missing.parent), run_dir)
+    assert resolve_resume("auto", run_dir) == run_dir / "checkpoints" / "step_00000005"
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek"])
 def test_exact_resume_matches_uninterrupted_run(family, root):
     ref_dir, ref = straight(family, root)

@@ -24,7 +24,8 @@ def tiny_run(tmp_path, moe=None, balance=None, steps=6, patience=4, micro_batch_
         train=LoopConfig(steps=steps, micro_batch_size=micro_batch_size, log_every=2,
                          val_every=0, **train),
         monitor=MonitorConfig(patience=patience, on_collapse="stop"),
-        logger=LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=False))
+        logger=LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=False,
+                            plots=False))
 
 
 def skewed_run(tmp_path, balance):
@@ -43,8 +44,12 @@ def skewed_run(tmp_path, balance):
 
 def test_collapse_is_detected_without_balancing(tmp_path):
     trainer = skewed_run(tmp_path, BalanceConfig(aux_loss="none"))
+    trainer.cfg.logger.plots = True  # a stopped run still writes its plots
     with pytest.raises(TrainingStopped, match=r"expert collapse in layer \d: experts \["):
         trainer.fit()
+    plots = {p.name for p in (tmp_path / "run" / "plots").iterdir()}
+    assert {"loss.png", "expert_load_layer0.png", "expert_load_layer1.png",
+            "max_violation.png"} <= plots
     assert trainer.step == 24  # patience 6 checks x log_every 4: as early as possible
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any(e.get("event") == "collapse" for e in events)
@@ -182,3 +187,21 @@ def test_activation_checkpointing_trains_the_same_model(tmp_path):
     for key, value in plain_state.items():
         torch.testing.assert_close(ckpt_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert any(v.abs().sum() > 0 for k, v in ckpt_state.items() if k.endswith("expert_bias"))
+
+
+def test_a_resumed_progress_bar_rates_only_its_own_steps_and_warnings_keep_their_line(
+        tmp_path, capsys):
+    import re
+    import time
+
+    from moetrain.loggers import RunLogger
+    logger = RunLogger(LoggerConfig(wandb=WandbConfig(mode="disabled"), plots=False), tmp_path,
+                       {}, "run", 100, start_step=80, resumed_from=tmp_path / "ckpt")
+    time.sleep(0.25)
+    logger.advance(81)
+    logger.write("WARNING: something")
+    rate = float(re.search(r"([\d.]+)it/s", str(logger.bar)).group(1))
+    logger.close()
+    assert rate < 8  # one step in 0.25 s; counting the 80 resumed steps would show > 300
+    segments = capsys.readouterr().err.split("\r")
+    assert "WARNING: something\n" in segments  # on its own line, not after the bar's text
