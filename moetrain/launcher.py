@@ -33,10 +33,13 @@ def report(failures: dict) -> int:
     """One line and the exit code for the failed ranks (global rank -> ProcessFailure)."""
     ranked = sorted(failures.items())
     for _, failure in ranked:
-        info = (failure.error_file_data.get("message") or {})
-        if isinstance(info, dict) and info.get("extraInfo", {}).get("moetrain"):
+        info = failure.error_file_data.get("message") or {}
+        extra = info.get("extraInfo", {}) if isinstance(info, dict) else {}
+        if extra.get("moetrain"):
             print(info["message"], file=sys.stderr, flush=True)
-            return failure.exitcode
+            # The code the rank chose: the agent may have killed it on its way out, once
+            # another rank had failed.
+            return int(extra.get("exitcode", 1))
     codes = [failure.exitcode for _, failure in ranked]
     if all(code in STOP_CODES for code in codes):
         return codes[0]  # rank 0 has printed where it stopped and saved

@@ -120,7 +120,7 @@ def fail(line: str, code: int) -> None:
     if error_file:
         with open(error_file, "w") as f:
             json.dump({"message": {"message": line, "extraInfo": {
-                "timestamp": str(int(time.time())), "moetrain": True}}}, f)
+                "timestamp": str(int(time.time())), "moetrain": True, "exitcode": code}}}, f)
     if os.environ.get("MOETRAIN_LAUNCHER") != "1" and int(os.environ.get("RANK", "0")) == 0:
         print(line, file=sys.stderr, flush=True)
     sys.exit(code)

@@ -193,7 +193,7 @@ class Trainer:
                 throughput.step()
                 self._log(out, throughput, summary)
                 summary.update(step=self.step, loss=out["loss"])
-                if out["stop_signal"] is not None:
+                if out["stop_signal"] is not None and self.step < cfg.train.steps:
                     self._stop_on_signal(out["stop_signal"], resolved)
                 last = self.step == cfg.train.steps
                 exiting = self.step == cfg.train.exit_at_step and not last
