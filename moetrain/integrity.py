@@ -66,8 +66,7 @@ def read_manifest(directory: Path) -> dict | None:
                    for v in files.values()):
             raise KeyError("sha256/bytes")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointInvalid(f"checkpoint {directory}: {path} is unreadable or not a "
-                                "moetrain manifest") from None
+        raise CheckpointInvalid(f"{path} is unreadable or not a moetrain manifest") from None
     return files
 
 
@@ -88,8 +87,3 @@ def check_files(directory: Path, files: dict[str, dict], names: list[str]) -> st
             return f"{path} does not match its SHA-256 in {MANIFEST} (corrupted)"
     return None
 
-
-def unlisted_files(directory: Path, files: dict[str, dict]) -> list[str]:
-    """Files present but not in the manifest (never written by the save that wrote it)."""
-    return sorted(p.name for p in Path(directory).iterdir()
-                  if p.is_file() and p.name not in files and p.name != MANIFEST)
