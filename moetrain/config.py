@@ -238,7 +238,8 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-DATA_SOURCES = ("synthetic", "text", "json", "parquet", "hub")
+DATA_SOURCES = ("synthetic", "python_stdlib", "text", "json", "parquet", "hub")
+SAMPLE_BY = ("line", "paragraph", "document")
 
 
 @dataclass
@@ -253,6 +254,9 @@ class DataConfig:
     val_split: str | None = None
     val_fraction: float = 0.02  # without a validation source: hold out this share of blocks
     column: str = "text"
+    # text files: a document per line (datasets' default), per paragraph (blank-line
+    # separated) or per file; each document ends with an end-of-document token
+    sample_by: str = "line"
     streaming: bool = False  # stream and pack on the fly (large corpora)
     tokenizer: str = "byte"  # byte | path to a tokenizers JSON file
     seq_len: int = 128
@@ -263,8 +267,10 @@ class DataConfig:
     def validate(self) -> None:
         _check(self.source in DATA_SOURCES,
                f"data.source={self.source!r} is not one of {', '.join(DATA_SOURCES)}")
-        if self.source != "synthetic":
+        if self.source not in ("synthetic", "python_stdlib"):
             _check(bool(self.path), f"data.source={self.source!r} needs data.path")
+        _check(self.sample_by in SAMPLE_BY,
+               f"data.sample_by={self.sample_by!r} is not one of {', '.join(SAMPLE_BY)}")
         _check(self.seq_len >= 1, f"data.seq_len={self.seq_len} must be >= 1")
         _check(0 <= self.val_fraction < 1,
                f"data.val_fraction={self.val_fraction} must be in [0, 1)")

@@ -82,6 +82,8 @@ INVALID = [
      "moe.num_experts=7 is not divisible by parallel.ep=2"),
     (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
     (["data.source=text"], "data.source='text' needs data.path"),
+    (["data=local_text", "data.path=x.txt", "data.sample_by=sentence"],
+     "data.sample_by='sentence' is not one of line, paragraph, document"),
     (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
     (["train.on_nonfinite=ignore"], "train.on_nonfinite='ignore'"),
     (["monitor.on_collapse=panic"], "monitor.on_collapse='panic'"),
