@@ -252,7 +252,7 @@ class DataConfig:
     split: str = "train"  # hub split for training
     val_path: str | None = None  # local validation file(s); hub: `val_split`
     val_split: str | None = None
-    val_fraction: float = 0.02  # without a validation source: hold out this share of blocks
+    val_fraction: float = 0.02  # no validation source: this share of blocks (python_stdlib: of files)
     column: str = "text"
     # text files: a document per line (datasets' default), per paragraph (blank-line
     # separated) or per file; each document ends with an end-of-document token
