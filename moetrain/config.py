@@ -12,6 +12,7 @@ ROUTERS = ("softmax_topk", "sigmoid", "top1", "expert_choice")
 AUX_LOSSES = ("none", "switch", "sequence")
 AUX_LOSS_STATS = ("micro_batch", "global_batch")
 SEQ_AUX_COUNTS = ("routed", "raw_topk")
+BIAS_UPDATES = ("sign", "proportional")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -34,8 +35,22 @@ class BalanceConfig:
     seq_aux_counts: str = "routed"
     z_loss_coef: float = 0.0
     aux_free: bool = False  # DeepSeek-V3 bias balancing, updated after each optimizer step
-    bias_update_rate: float = 1e-3  # gamma
-    bias_center: bool = False  # subtract the mean after each update so the bias cannot drift
+    # How the bias moves after each optimizer step, from the step's loads summed over ranks
+    # (moetrain.model.balance.expert_bias_delta):
+    #   proportional: gamma * (mean_load - load_i) / mean_load, the dual (sub)gradient step of
+    #     the balanced assignment that the bias solves (Han & Zhong 2025, arXiv:2512.03915,
+    #     cast aux-loss-free balancing as this primal-dual method). It moves fast while an
+    #     expert is far off its share and little near balance, so it catches a router that
+    #     concentrates in the first steps without jittering once balanced.
+    #   sign: gamma * sign(mean_load - load_i), DeepSeek-V3's rule (Wang et al. 2024,
+    #     arXiv:2408.15664), with gamma 1e-3 there. At most gamma per step whatever the
+    #     imbalance: on real text at 1e-3 it has not undone the collapse of the first ten
+    #     steps by step 300 (scripts/bench_balance_start.py).
+    bias_update: str = "proportional"
+    bias_update_rate: float = 0.02  # gamma; 1e-3 is the paper's value for `sign`
+    # Subtract the mean after each update so the bias cannot drift (the proportional step
+    # sums to zero over experts already).
+    bias_center: bool = False
 
     def validate(self) -> None:
         _check(self.aux_loss in AUX_LOSSES,
@@ -49,6 +64,9 @@ class BalanceConfig:
         _check(self.aux_loss_coef >= 0,
                f"balance.aux_loss_coef={self.aux_loss_coef} must be >= 0")
         _check(self.z_loss_coef >= 0, f"balance.z_loss_coef={self.z_loss_coef} must be >= 0")
+        _check(self.bias_update in BIAS_UPDATES,
+               f"balance.bias_update={self.bias_update!r} is not one of "
+               f"{', '.join(BIAS_UPDATES)}")
         _check(self.bias_update_rate > 0,
                f"balance.bias_update_rate={self.bias_update_rate} must be > 0")
         _check(not (self.aux_loss == "sequence" and self.aux_loss_stats == "global_batch"),

@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from moetrain.config import BIAS_UPDATES
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -83,16 +85,35 @@ def pop_step_loads(moe_layers: Iterable, reduce: Reduce | None = None) -> torch.
     return loads
 
 
+def expert_bias_delta(loads: torch.Tensor, rate: float, rule: str) -> torch.Tensor:
+    """The aux-loss-free bias step for loads (..., E), a pure function of the loads (summed over
+    ranks), so every rank takes the same step. See BalanceConfig.bias_update.
+
+    proportional: rate * (mean - load_i) / mean. The relative error is +1 for a dead expert and
+    -(E/k - 1) for one that takes every token, so a collapsed layer moves by up to E/k - 1
+    times `rate` per step and a balanced one by a small fraction of it; the steps sum to zero.
+    sign: rate * sign(mean - load_i), DeepSeek-V3's fixed step."""
+    mean_load = loads.mean(dim=-1, keepdim=True)
+    if rule == "proportional":
+        # no tokens at all (mean 0): every error is 0, no step
+        return rate * (mean_load - loads) / mean_load.clamp(min=1e-9)
+    if rule == "sign":
+        return rate * torch.sign(mean_load - loads)
+    raise ValueError(f"bias update rule {rule!r} is not one of {', '.join(BIAS_UPDATES)}")
+
+
 @torch.no_grad()
 def update_expert_bias(moe_layers: Iterable, loads: torch.Tensor, rate: float,
-                       center: bool = False) -> None:
-    """DeepSeek-V3 aux-loss-free balancing, once after each optimizer step:
-    bias_i += rate * sign(mean_load - load_i), with `loads` (L, E) from `pop_step_loads`.
-    The bias changes which experts are selected, never the gate weights."""
-    delta = rate * torch.sign(loads.mean(dim=-1, keepdim=True) - loads)
-    for layer, layer_delta in zip(moe_layers, delta):
+                       center: bool = False, rule: str | None = None) -> None:
+    """DeepSeek-V3 aux-loss-free balancing, once after each optimizer step: each layer's bias
+    moves by `expert_bias_delta` of its row of `loads` (L, E) from `pop_step_loads`.
+    rule: sign | proportional; None takes each layer's own `balance_cfg.bias_update` (the
+    Trainer passes the rate and centring only). The bias changes which experts are selected,
+    never the gate weights."""
+    for layer, layer_loads in zip(moe_layers, loads):
         bias = layer.router.expert_bias
-        bias.add_(layer_delta.to(bias.dtype))
+        layer_rule = rule if rule is not None else layer.balance_cfg.bias_update
+        bias.add_(expert_bias_delta(layer_loads, rate, layer_rule).to(bias.dtype))
         if center:
             bias.sub_(bias.mean())
 

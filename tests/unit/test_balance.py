@@ -1,5 +1,7 @@
+import json
 import math
 
+import pytest
 import torch
 
 from moetrain.config import BalanceConfig, MoEConfig
@@ -138,7 +140,7 @@ def test_aux_free_lowers_max_violation_step_by_step_and_keeps_gates():
 
 def test_pop_step_loads_reduces_and_resets_and_bias_update_centres():
     moe = MoE(4, MoEConfig(num_experts=4, top_k=1, expert_hidden=4, router="sigmoid"),
-              BalanceConfig(aux_free=True))
+              BalanceConfig(aux_free=True, bias_update="sign"))
     moe.init_weights(0.1)
     moe.step_tokens_per_expert.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
     loads = balance.pop_step_loads([moe], reduce=lambda t: t + torch.tensor([0, 0, 0, 8.]))
@@ -164,3 +166,99 @@ def test_moe_layer_stats_in_one_transfer():
     torch.testing.assert_close(stats["load_fraction"].sum(-1), torch.ones(3))
     expected = balance.load_metrics(layers[1].last_stats["tokens_per_expert"])
     torch.testing.assert_close(stats["max_violation"][1], expected["max_violation"])
+
+
+def _naive_bias_step(loads: list[list[float]], rate: float, rule: str) -> list[list[float]]:
+    """Per layer and expert, from the formulas: mean = sum / E, then
+    sign: rate * sign(mean - load); proportional: rate * (mean - load) / mean (0 if no tokens)."""
+    steps = []
+    for row in loads:
+        mean = sum(row) / len(row)
+        if rule == "sign":
+            steps.append([rate * ((mean > load) - (mean < load)) for load in row])
+        else:
+            steps.append([rate * (mean - load) / mean if mean > 0 else 0.0 for load in row])
+    return steps
+
+
+def _sigmoid_layers(count: int, rule: str) -> list[MoE]:
+    cfg = MoEConfig(num_experts=6, top_k=2, expert_hidden=4, router="sigmoid")
+    layers = [MoE(8, cfg, BalanceConfig(aux_free=True, bias_update=rule)) for _ in range(count)]
+    for layer in layers:
+        layer.init_weights(0.1)
+    return layers
+
+
+def test_proportional_bias_step_matches_the_per_element_formula():
+    torch.manual_seed(0)
+    loads = torch.randint(0, 50, (3, 6)).float()
+    loads[1] = torch.tensor([300.0, 0, 0, 0, 0, 0])  # collapsed: one expert takes everything
+    loads[2] = 0.0  # no tokens this step: no step
+    layers = _sigmoid_layers(3, "proportional")
+    start = [layer.router.expert_bias.clone() for layer in layers]
+    balance.update_expert_bias(layers, loads, rate=0.02)  # rule from each layer's config
+    expected = _naive_bias_step(loads.tolist(), 0.02, "proportional")
+    for layer, before, step in zip(layers, start, expected):
+        torch.testing.assert_close(layer.router.expert_bias - before, torch.tensor(step))
+        # the step sums to zero: the bias mean never drifts
+        assert abs((layer.router.expert_bias - before).sum().item()) < 1e-6
+    # the collapsed layer: the busy expert (E times its share) drops by (E - 1) x rate
+    torch.testing.assert_close(layers[1].router.expert_bias - start[1],
+                               torch.tensor([-5 * 0.02] + [0.02] * 5))
+    torch.testing.assert_close(balance.expert_bias_delta(loads, 0.02, "proportional"),
+                               torch.tensor(expected))
+
+
+def test_sign_rule_stays_available_by_config_and_by_argument():
+    torch.manual_seed(1)
+    loads = torch.randint(0, 50, (2, 6)).float()
+    expected = torch.tensor(_naive_bias_step(loads.tolist(), 1e-3, "sign"))
+    by_config = _sigmoid_layers(2, "sign")
+    balance.update_expert_bias(by_config, loads, rate=1e-3)
+    by_argument = _sigmoid_layers(2, "proportional")
+    balance.update_expert_bias(by_argument, loads, rate=1e-3, rule="sign")
+    for layers in (by_config, by_argument):
+        torch.testing.assert_close(torch.stack([m.router.expert_bias for m in layers]), expected)
+    with pytest.raises(ValueError, match="'signum' is not one of sign, proportional"):
+        balance.expert_bias_delta(loads, 1e-3, "signum")
+    with pytest.raises(ValueError, match="balance.bias_update='signum'"):
+        BalanceConfig(bias_update="signum").validate()
+
+
+def _first_steps_on_real_text(tmp_path, name: str, overrides: list[str],
+                              steps: int) -> dict[int, dict]:
+    """deepseek_tiny with balance=aux_free as shipped (plus `overrides`) on the standard
+    library's sources: step -> its MoE record of metrics.jsonl."""
+    from moetrain.train import Trainer
+    from moetrain.train.cli import config_from_overrides
+    cfg = config_from_overrides([
+        "model=deepseek_tiny", "balance=aux_free", "data=python_stdlib", "logger=none",
+        "logger.plots=false", f"train.steps={steps}", "train.log_every=1", "train.val_every=0",
+        "checkpoint.at_end=false", f"run_dir={tmp_path / name}", *overrides])
+    Trainer(cfg).fit()
+    records = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    return {r["step"]: r["moe"] for r in records if "moe" in r}
+
+
+def test_shipped_bias_update_recovers_from_the_collapsed_start_on_real_text(tmp_path):
+    """On real text every token's hidden state points the same way for the first ~20 steps and
+    all of them pick the same experts. The paper's sign step (1e-3) then leaves ~30 of the 96
+    experts dead for hundreds of steps; the shipped proportional step revives most of them by
+    steps 31-40 (scripts/bench_balance_start.py has the whole picture). ~40 s."""
+    sign = ["model.balance.bias_update=sign", "model.balance.bias_update_rate=0.001",
+            "model.balance.aux_loss=none"]
+    runs = {name: _first_steps_on_real_text(tmp_path, name, overrides, steps=40)
+            for name, overrides in (("shipped", []), ("sign", sign))}
+    late = range(31, 41)
+
+    def mean_dead(run, steps):
+        return sum(sum(run[s]["dead_experts"]) for s in steps) / len(steps)
+
+    def mean_max_violation(run, steps):
+        return sum(max(run[s]["max_violation_global"]) for s in steps) / len(steps)
+
+    for run in runs.values():  # both start collapsed: some layer sends ~every token to 6 experts
+        assert max(max(run[s]["max_violation_global"]) for s in range(5, 16)) > 4.0
+    assert mean_dead(runs["sign"], late) > 15
+    assert mean_dead(runs["shipped"], late) < mean_dead(runs["sign"], late) / 3
+    assert mean_max_violation(runs["shipped"], late) < mean_max_violation(runs["sign"], late) - 1
