@@ -211,12 +211,18 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_si
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} tokens (data.tokenizer={cfg.tokenizer!r})")
-    train_ds = load_texts(cfg, "train")
-    val_ds = load_texts(cfg, "validation")
-    if cfg.source == "python_stdlib" and rank == 0:
+    if cfg.source == "python_stdlib":  # read once: the sizes printed are of these splits
+        import datasets
+
         from moetrain.data import stdlib
-        print(stdlib.describe(stdlib.load_split("train", cfg.val_fraction),
-                              stdlib.load_split("validation", cfg.val_fraction)), flush=True)
+        splits = [stdlib.load_split(name, cfg.val_fraction) for name in ("train", "validation")]
+        if rank == 0:
+            print(stdlib.describe(*splits), flush=True)
+        train_ds, val_ds = (datasets.Dataset.from_dict({cfg.column: split.texts})
+                            for split in splits)
+    else:
+        train_ds = load_texts(cfg, "train")
+        val_ds = load_texts(cfg, "validation")
     val_blocks = tokenize_and_pack(val_ds, cfg, tokenizer) if val_ds is not None and \
         not cfg.streaming else None
     if cfg.streaming:
