@@ -153,7 +153,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = 0.02  # every weight matrix but the token embeddings
+    # The token embeddings' std; None: 1.0, or init_std when tie_embeddings (the matrix is then
+    # the output layer too). 1.0 (torchtitan's choice) keeps each token's identity large
+    # against what the blocks add to the residual stream: at 0.02, Adam's first ~5 steps of
+    # ~lr per coordinate move every embedding the same way (the unigram direction), router
+    # inputs become the same vector for every token (mean cosine 0.5 -> 0.99) and every token
+    # picks the same experts, which no balancing can undo while it lasts.
+    embed_init_std: float | None = None
     first_k_dense: int = 0
     moe: MoEConfig | None = field(default_factory=MoEConfig)  # None = a dense model
     balance: BalanceConfig = field(default_factory=BalanceConfig)
@@ -178,6 +185,10 @@ class ModelConfig:
                f"model.first_k_dense={self.first_k_dense} must be between 0 and "
                f"model.n_layers={self.n_layers}")
         _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+        _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        _check(self.embed_init_std is None or self.embed_init_std > 0,
+               f"model.embed_init_std={self.embed_init_std} must be > 0 (or null for the "
+               "default)")
         if self.moe is not None:
             self.moe.validate()
             if self.balance.aux_free:
@@ -189,6 +200,12 @@ class ModelConfig:
                        "moe.router='expert_choice' is balanced by construction; set "
                        "balance.aux_loss=none and balance.aux_free=false")
         self.balance.validate()
+
+    @property
+    def embedding_std(self) -> float:
+        if self.embed_init_std is not None:
+            return self.embed_init_std
+        return self.init_std if self.tie_embeddings else 1.0
 
     @property
     def moe_layers(self) -> list[int]:

@@ -1,9 +1,9 @@
 """Does load balancing hold from the first steps? The tiny families on real text, each at
-its old and its shipped default (and, with --alternatives, the other rules compared when the
-default was chosen), then one table.
+its old and its shipped default (and, with `--sets ... alternatives`, the other settings
+compared when the default was chosen), then one table.
 
     .venv/bin/python scripts/bench_balance_start.py [--data-path FILE] [--steps 300]
-        [--seeds 0 1] [--jobs 2] [--alternatives] [--out DIR] [-- hydra overrides]
+        [--seeds 0 1] [--jobs 2] [--sets old new alternatives] [--out DIR] [-- hydra overrides]
 
 Data: --data-path, a text file (read with data.sample_by=document), or else data=python_stdlib
 (the running Python's standard library sources). Every run is one process
@@ -45,21 +45,24 @@ class Variant:
     overrides: tuple[str, ...]  # Hydra overrides after model=<family>
 
 
-# The defaults before balance.bias_update existed, spelled out so that they stay reproducible
-# whatever configs/balance/*.yaml ship now.
+# The defaults before balance.bias_update and model.embed_init_std existed, spelled out so
+# that they stay reproducible whatever ships now.
+OLD_INIT = "model.embed_init_std=0.02"
 OLD_DEFAULTS = [
-    Variant("deepseek_tiny", "old default: sign, gamma 1e-3",
+    Variant("deepseek_tiny", "old default: sign, gamma 1e-3, embed std 0.02",
             ("balance=aux_free", "model.balance.bias_update=sign",
-             "model.balance.bias_update_rate=0.001", "model.balance.aux_loss=none")),
-    Variant("mixtral_tiny", "old default: switch 0.01, z 1e-3",
+             "model.balance.bias_update_rate=0.001", "model.balance.aux_loss=none", OLD_INIT)),
+    Variant("mixtral_tiny", "old default: switch 0.01, z 1e-3, embed std 0.02",
             ("balance=switch_aux", "model.balance.aux_loss_coef=0.01",
-             "model.balance.z_loss_coef=0.001")),
+             "model.balance.z_loss_coef=0.001", OLD_INIT)),
 ]
 NEW_DEFAULTS = [
     Variant("deepseek_tiny", "new default (balance=aux_free)", ("balance=aux_free",)),
     Variant("mixtral_tiny", "new default (balance=switch_aux)", ("balance=switch_aux",)),
 ]
 ALTERNATIVES = [
+    Variant("deepseek_tiny", "default balance, embed std 0.02", ("balance=aux_free", OLD_INIT)),
+    Variant("mixtral_tiny", "default balance, embed std 0.02", ("balance=switch_aux", OLD_INIT)),
     Variant("deepseek_tiny", "sign, gamma 1e-2",
             ("balance=aux_free", "model.balance.bias_update=sign",
              "model.balance.bias_update_rate=0.01", "model.balance.aux_loss=none")),
@@ -221,16 +224,18 @@ def main(argv=None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each")
     parser.add_argument("--families", nargs="+", default=["deepseek_tiny", "mixtral_tiny"])
-    parser.add_argument("--alternatives", action="store_true",
-                        help="also run the other rules compared when the defaults were chosen")
+    parser.add_argument("--sets", nargs="+", default=["old", "new"],
+                        choices=("old", "new", "alternatives"),
+                        help="old and new defaults, and the alternatives compared when the "
+                             "defaults were chosen")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_balance_start"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args(argv)
     if args.steps < max(MAX_VIOLATION_STEPS):
         parser.error(f"--steps {args.steps}: the table reads step {max(MAX_VIOLATION_STEPS)}")
     data_overrides(args)  # fail before any run
-    variants = [v for v in OLD_DEFAULTS + NEW_DEFAULTS + (ALTERNATIVES if args.alternatives
-                                                          else []) if v.family in args.families]
+    sets = {"old": OLD_DEFAULTS, "new": NEW_DEFAULTS, "alternatives": ALTERNATIVES}
+    variants = [v for name in args.sets for v in sets[name] if v.family in args.families]
     out = Path(args.out)
     runs = run_all(variants, args, out)
     result = table(variants, args.seeds, runs, args.steps)

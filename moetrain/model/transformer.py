@@ -198,7 +198,8 @@ class Transformer(nn.Module):
             if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
                 param.fill_(1.0)
             else:
-                seeded_normal_(param, cfg.init_std, seed, name)
+                std = cfg.embedding_std if name == "tok_embeddings.weight" else cfg.init_std
+                seeded_normal_(param, std, seed, name)
         for moe in self.moe_layers():
             if hasattr(moe.router, "expert_bias"):
                 moe.router.expert_bias.zero_()

@@ -1,11 +1,13 @@
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from moetrain.config import BalanceConfig, MoEConfig
-from moetrain.model import balance
+from moetrain.model import Transformer, balance
 from moetrain.model.moe import MoE
 from tests.unit.reference import naive_route_token
 
@@ -241,13 +243,15 @@ def _first_steps_on_real_text(tmp_path, name: str, overrides: list[str],
 
 
 def test_shipped_bias_update_recovers_from_the_collapsed_start_on_real_text(tmp_path):
-    """On real text every token's hidden state points the same way for the first ~20 steps and
-    all of them pick the same experts. The paper's sign step (1e-3) then leaves ~30 of the 96
-    experts dead for hundreds of steps; the shipped proportional step revives most of them by
-    steps 31-40 (scripts/bench_balance_start.py has the whole picture). ~40 s."""
+    """From a collapsed start (token embeddings at std 0.02: for ~10 steps every token's
+    hidden state points the same way and all of them pick the same experts), the paper's sign
+    step (1e-3) leaves ~30 of the 96 experts dead for hundreds of steps; the shipped
+    proportional step revives most of them by steps 31-40 (scripts/bench_balance_start.py has
+    the whole picture). ~40 s."""
+    collapsed_start = ["model.embed_init_std=0.02"]
     sign = ["model.balance.bias_update=sign", "model.balance.bias_update_rate=0.001",
             "model.balance.aux_loss=none"]
-    runs = {name: _first_steps_on_real_text(tmp_path, name, overrides, steps=40)
+    runs = {name: _first_steps_on_real_text(tmp_path, name, collapsed_start + overrides, 40)
             for name, overrides in (("shipped", []), ("sign", sign))}
     late = range(31, 41)
 
@@ -262,3 +266,47 @@ def test_shipped_bias_update_recovers_from_the_collapsed_start_on_real_text(tmp_
     assert mean_dead(runs["sign"], late) > 15
     assert mean_dead(runs["shipped"], late) < mean_dead(runs["sign"], late) / 3
     assert mean_max_violation(runs["shipped"], late) < mean_max_violation(runs["sign"], late) - 1
+
+
+def _router_inputs(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    inputs = []
+    hooks = [layer.router.register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].detach())) for layer in model.moe_layers()]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def _mean_pairwise_cosine(x: torch.Tensor) -> float:
+    """Mean cosine similarity over all ordered pairs of rows (self-pairs included): the
+    squared norm of the mean unit vector."""
+    unit = x / x.norm(dim=-1, keepdim=True)
+    return unit.mean(dim=0).norm().item() ** 2
+
+
+def test_default_embedding_init_keeps_router_inputs_apart_and_the_start_uncollapsed(tmp_path):
+    """The cause of the collapsed start: with token embeddings at std 0.02, what the blocks
+    add to the residual stream is as large as the token's own embedding, so router inputs of
+    different tokens already share half their direction at init, and after ~5 Adam steps of
+    ~lr per coordinate (the unigram direction) they are one vector: every token picks the
+    same top-6 (MaxVio 32/6 - 1 = 4.33). At std 1.0 (the default) they stay apart. ~15 s."""
+    from moetrain.presets import shipped_model
+    text = Path(__file__).read_bytes()[:4 * 128 + 1]  # real text: this file's source
+    tokens = torch.tensor(list(text[:4 * 128]), dtype=torch.long).view(4, 128)
+    cosine = {}
+    for std in (None, 0.02):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(shipped_model("deepseek_tiny"), embed_init_std=std)
+        inputs = _router_inputs(Transformer(cfg), tokens)
+        cosine[std] = max(_mean_pairwise_cosine(x.reshape(-1, x.shape[-1])) for x in inputs)
+    assert cosine[None] < 0.25 < 0.4 < cosine[0.02]
+
+    def worst_early(run):  # the most concentrated layer over steps 3-10
+        return max(max(run[s]["max_violation_global"]) for s in range(3, 11))
+
+    default = _first_steps_on_real_text(tmp_path, "default", [], steps=10)
+    small = _first_steps_on_real_text(tmp_path, "small", ["model.embed_init_std=0.02"], 10)
+    assert worst_early(small) > 4.2  # all tokens on 6 experts in some layer
+    assert worst_early(default) < 3.5

@@ -3,6 +3,7 @@ sharded layout draws exactly one process's values is checked by the equivalence 
 
 import dataclasses
 
+import pytest
 import torch
 
 from moetrain.config import ModelConfig, MoEConfig
@@ -42,9 +43,21 @@ def test_init_statistics_and_constants():
         elif key.endswith("expert_bias"):
             assert torch.equal(value, torch.zeros_like(value)), key
         else:
+            std = 1.0 if key == "tok_embeddings.weight" else CFG.init_std
             n = value.numel()  # 5 standard errors of the sample's std and mean
-            assert abs(value.std().item() / CFG.init_std - 1) < 5 / (2 * n) ** 0.5, key
-            assert abs(value.mean().item()) < 5 * CFG.init_std / n ** 0.5, key
+            assert abs(value.std().item() / std - 1) < 5 / (2 * n) ** 0.5, key
+            assert abs(value.mean().item()) < 5 * std / n ** 0.5, key
     # rows of one parameter are independent draws, not copies
     experts = state["layers.1.ffn.experts.w_up"]
     assert not torch.equal(experts[0], experts[1])
+
+
+def test_embedding_std_follows_its_setting_and_tying():
+    untied = initialised(CFG, 0)["tok_embeddings.weight"]
+    tied = initialised(dataclasses.replace(CFG, tie_embeddings=True), 0)["tok_embeddings.weight"]
+    chosen = initialised(dataclasses.replace(CFG, embed_init_std=0.5), 0)["tok_embeddings.weight"]
+    # the same draws, scaled: 1.0 untied, init_std when the matrix is also the output layer
+    torch.testing.assert_close(tied, untied * CFG.init_std)
+    torch.testing.assert_close(chosen, untied * 0.5)
+    with pytest.raises(ValueError, match="model.embed_init_std=0"):
+        dataclasses.replace(CFG, embed_init_std=0.0).validate()
