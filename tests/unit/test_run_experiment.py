@@ -85,7 +85,9 @@ def test_experiment_end_to_end_on_two_steps(tmp_path, experiment):
 
 def test_a_failed_run_stops_the_experiment_and_shows_its_log(tmp_path, capsys):
     with pytest.raises(SystemExit, match="none seed 0 failed"):
-        runner.main(["balancing", "--seeds", "0", "--out", str(tmp_path), "train.steps=0"])
+        # one job at a time: with two, whichever failing run is polled first is the one named
+        runner.main(["balancing", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path),
+                     "train.steps=0"])
     assert "train.steps=0 must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
 
