@@ -124,8 +124,9 @@ class Trainer:
         if finite:
             self.optimizer.step()
             if loads is not None and cfg.model.balance.aux_free:
-                update_expert_bias(self.moe_layers, loads, cfg.model.balance.bias_update_rate,
-                                   cfg.model.balance.bias_center)
+                balance = cfg.model.balance
+                update_expert_bias(self.moe_layers, loads, balance.bias_update_rate,
+                                   balance.bias_center, rule=balance.bias_update)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if not finite:
