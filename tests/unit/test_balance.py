@@ -239,9 +239,9 @@ def _first_steps_on_real_text(tmp_path, name: str, overrides: list[str], steps: 
     from moetrain.train.cli import config_from_overrides
     cfg = config_from_overrides([
         f"model={family}", f"balance={SHIPPED_BALANCE[family]}", "data=python_stdlib",
-        "logger=none",
-        "logger.plots=false", f"train.steps={steps}", "train.log_every=1", "train.val_every=0",
-        "checkpoint.at_end=false", f"run_dir={tmp_path / name}", *overrides])
+        "logger=none", "logger.plots=false", f"train.steps={steps}", "train.log_every=1",
+        "train.val_every=0", "checkpoint.at_end=false", f"run_dir={tmp_path / name}",
+        *overrides])
     Trainer(cfg).fit()
     records = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
     return {r["step"]: r["moe"] for r in records if "moe" in r}
