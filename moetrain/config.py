@@ -156,10 +156,10 @@ class ModelConfig:
     init_std: float = 0.02  # every weight matrix but the token embeddings
     # The token embeddings' std; None: 1.0, or init_std when tie_embeddings (the matrix is then
     # the output layer too). 1.0 (torchtitan's choice) keeps each token's identity large
-    # against what the blocks add to the residual stream: at 0.02, Adam's first ~5 steps of
-    # ~lr per coordinate move every embedding the same way (the unigram direction), router
-    # inputs become the same vector for every token (mean cosine 0.5 -> 0.99) and every token
-    # picks the same experts, which no balancing can undo while it lasts.
+    # against what the blocks add to the residual stream: at 0.02, Adam's first ~5 same-signed
+    # steps make the blocks add nearly one vector to every position (the unigram direction),
+    # router inputs of all tokens align (mean cosine 0.5 -> 0.99) and every token picks the
+    # same experts, which no balancing can undo while it lasts.
     embed_init_std: float | None = None
     first_k_dense: int = 0
     moe: MoEConfig | None = field(default_factory=MoEConfig)  # None = a dense model

@@ -294,9 +294,9 @@ def _mean_pairwise_cosine(x: torch.Tensor) -> float:
 def test_default_embedding_init_keeps_router_inputs_of_different_tokens_apart():
     """The cause of the collapsed start: with token embeddings at std 0.02, what the blocks
     add to the residual stream is as large as the token's own embedding, so router inputs of
-    different tokens already share half their direction at init (and after ~5 Adam steps of
-    ~lr per coordinate along the unigram direction, they are one vector). At std 1.0, the
-    default, they start nearly orthogonal."""
+    different tokens already share half their direction at init (and after ~5 same-signed
+    Adam steps, which make the blocks add nearly one vector to every position, they are one
+    vector). At std 1.0, the default, they start nearly orthogonal."""
     text = Path(__file__).read_bytes()[:4 * 128]  # real text: this file's source
     tokens = torch.tensor(list(text), dtype=torch.long).view(4, 128)
     cosine = {}
