@@ -108,7 +108,7 @@ def update_expert_bias(moe_layers: Iterable, loads: torch.Tensor, rate: float,
     """DeepSeek-V3 aux-loss-free balancing, once after each optimizer step: each layer's bias
     moves by `expert_bias_delta` of its row of `loads` (L, E) from `pop_step_loads`.
     rule: sign | proportional; None takes each layer's own `balance_cfg.bias_update` (the
-    Trainer passes the rate and centring only). The bias changes which experts are selected,
+    Trainer passes the run's rule explicitly). The bias changes which experts are selected,
     never the gate weights."""
     for layer, layer_loads in zip(moe_layers, loads):
         bias = layer.router.expert_bias
