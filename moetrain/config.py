@@ -13,6 +13,7 @@ AUX_LOSSES = ("none", "switch", "sequence")
 AUX_LOSS_STATS = ("micro_batch", "global_batch")
 SEQ_AUX_COUNTS = ("routed", "raw_topk")
 BIAS_UPDATES = ("sign", "proportional")
+LORA_TARGETS = ("experts", "shared_experts", "dense_ffn", "attention")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -374,6 +375,55 @@ class LoopConfig:
                f"{', '.join(NONFINITE_POLICIES)}")
 
 
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) on frozen base weights, with peft's conventions:
+    W x + (alpha / rank) * B A dropout(x), A (rank, in) random, B (out, rank) zero, so the
+    adapted model starts as the base model. Stacked experts get stacked adapters, A (E, rank,
+    in) and B (E, out, rank), run in the experts' own grouped pass and sharded with them."""
+
+    rank: int = 0  # 0: no LoRA (full fine-tuning of whatever requires grad)
+    alpha: float = 16.0
+    # experts: the routed experts' three projections; shared_experts and dense_ffn: the
+    # shared experts' and the dense layers' SwiGLU; attention: wq, wk, wv, wo
+    targets: list[str] = field(default_factory=lambda: ["experts"])
+    dropout: float = 0.0  # on an adapter's input, as peft's lora_dropout
+    # The router is frozen while adapters train ("naive fine-tuning can break the router");
+    # true trains its weight too, saved with the adapters.
+    train_router: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, model: ModelConfig) -> None:
+        _check(self.rank >= 0, f"finetune.lora.rank={self.rank} must be >= 0 (0 disables LoRA)")
+        if not self.enabled:
+            return
+        _check(self.alpha > 0, f"finetune.lora.alpha={self.alpha} must be > 0")
+        _check(0 <= self.dropout < 1, f"finetune.lora.dropout={self.dropout} must be in [0, 1)")
+        _check(len(self.targets) > 0, "finetune.lora.targets is empty; choose from "
+                                      f"{', '.join(LORA_TARGETS)}")
+        for target in self.targets:
+            _check(target in LORA_TARGETS, f"finetune.lora.targets has {target!r}; valid: "
+                                           f"{', '.join(LORA_TARGETS)}")
+        present = {"attention": True, "experts": model.moe is not None,
+                   "shared_experts": model.moe is not None and model.moe.n_shared_experts > 0,
+                   "dense_ffn": model.moe is None or model.first_k_dense > 0}
+        for target in self.targets:
+            _check(present[target], f"finetune.lora.targets has {target!r} but this model has "
+                                    f"no {target.replace('_', ' ')}")
+
+
+@dataclass
+class FinetuneConfig:
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
 COLLAPSE_POLICIES = ("warn", "stop")
 
 
@@ -450,6 +500,7 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self, world_size: int) -> None:
         """Every check that needs no data and no collective, run first on every rank."""
@@ -462,13 +513,18 @@ class RunConfig:
         self.monitor.validate()
         self.logger.validate()
         self.checkpoint.validate()
+        self.finetune.lora.validate(self.model)
         _check(self.resume != "auto" or bool(self.run_dir),
                "resume=auto needs run_dir=<the run's directory> (a new run dir has no "
                "checkpoints)")
         _check(self.init_from != "auto", "init_from takes a checkpoint path, not 'auto'")
-        _check(not (self.resume and self.init_from),
+        lora = self.finetune.lora
+        _check(not (self.resume and self.init_from) or lora.enabled,
                "set resume (continue a run) or init_from (new run from a checkpoint's "
                "weights), not both")
+        _check(not lora.enabled or bool(self.init_from),
+               f"finetune.lora.rank={lora.rank} needs init_from=<the base checkpoint, or "
+               "hf:DIR>: adapters train on frozen pretrained weights")
         _check(self.data.seq_len <= self.model.max_seq_len,
                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                f"{self.model.max_seq_len}")

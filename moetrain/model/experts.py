@@ -21,40 +21,77 @@ from torch.distributed.tensor import DTensor
 
 
 class _SwiGLUExpertsCPU(torch.autograd.Function):
-    """out[rows of e] = g * (silu(x W_gate[e]^T) * (x W_up[e]^T)) W_down[e]^T."""
+    """out[rows of e] = g * (silu(x W_gate[e]^T) * (x W_up[e]^T)) W_down[e]^T.
+
+    With LoRA adapters each projection W[e] y becomes W[e] y + s * B[e] A[e] drop(y), computed
+    as two rank-r matmuls in the same walk; base weights that need no gradient (frozen under
+    LoRA) get none computed."""
 
     @staticmethod
-    def forward(ctx, x, gates, w_gate, w_up, w_down, counts: list[int]):
+    def forward(ctx, x, gates, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+                counts: list[int], scaling: float, dropout: float):
         M, hidden = x.shape[0], w_gate.shape[1]
+        lora = a_gate is not None
         out = x.new_empty(M, w_down.shape[1])
         gate_proj = x.new_empty(M, hidden)  # saved pre-activations, as autograd would keep
         up_proj = x.new_empty(M, hidden)
+        if lora:  # (M, r) adapter activations A drop(y), and the dropout masks (already / (1-p))
+            rank = a_gate.shape[1]
+            low = [x.new_empty(M, rank) for _ in range(3)]  # gate, up, down
+            masks = ([_dropout_mask(x, dropout), _dropout_mask(x, dropout),
+                      _dropout_mask(gate_proj, dropout)] if dropout > 0 else [None] * 3)
         start = 0
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                torch.mm(x[rows], w_gate[e].t(), out=gate_proj[rows])
-                torch.mm(x[rows], w_up[e].t(), out=up_proj[rows])
+                x_e = x[rows]
+                torch.mm(x_e, w_gate[e].t(), out=gate_proj[rows])
+                torch.mm(x_e, w_up[e].t(), out=up_proj[rows])
+                if lora:
+                    _add_adapter(gate_proj[rows], x_e, a_gate[e], b_gate[e], scaling,
+                                 low[0][rows], masks[0], rows)
+                    _add_adapter(up_proj[rows], x_e, a_up[e], b_up[e], scaling,
+                                 low[1][rows], masks[1], rows)
                 h = F.silu(gate_proj[rows]).mul_(up_proj[rows])
-                torch.mm(h, w_down[e].t(), out=out[rows]).mul_(gates[rows, None])
+                torch.mm(h, w_down[e].t(), out=out[rows])
+                if lora:
+                    _add_adapter(out[rows], h, a_down[e], b_down[e], scaling, low[2][rows],
+                                 masks[2], rows)
+                out[rows].mul_(gates[rows, None])
             start += n
-        ctx.save_for_backward(x, gates, w_gate, w_up, w_down, gate_proj, up_proj)
-        ctx.counts = counts
+        saved = [x, gates, w_gate, w_up, w_down, gate_proj, up_proj]
+        if lora:
+            saved += [a_gate, b_gate, a_up, b_up, a_down, b_down, *low]
+            ctx.masks = masks
+        ctx.save_for_backward(*saved)
+        ctx.counts, ctx.lora, ctx.scaling = counts, lora, scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gates, w_gate, w_up, w_down, gate_proj, up_proj = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, gates, w_gate, w_up, w_down, gate_proj, up_proj = saved[:7]
+        need = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
         grad_gates = torch.empty_like(gates)
-        grads_w = [torch.empty_like(w) for w in (w_gate, w_up, w_down)]
-        grad_w_gate, grad_w_up, grad_w_down = grads_w
+        # None for a base weight that needs no gradient (frozen under LoRA): nothing computed
+        grad_w_gate, grad_w_up, grad_w_down = (
+            torch.empty_like(w) if need[i] else None for i, w in ((2, w_gate), (3, w_up),
+                                                                  (4, w_down)))
+        lora_grads = [None] * 6
+        if ctx.lora:
+            adapters, low, masks, s = saved[7:13], saved[13:16], ctx.masks, ctx.scaling
+            a_gate, b_gate, a_up, b_up, a_down, b_down = adapters
+            lora_grads = [torch.empty_like(t) for t in adapters]
+            ga_gate, gb_gate, ga_up, gb_up, ga_down, gb_down = lora_grads
+        every_grad = [g for g in (grad_w_gate, grad_w_up, grad_w_down, *lora_grads)
+                      if g is not None]
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:
-                for grad_w in grads_w:
-                    grad_w[e].zero_()
+                for grad in every_grad:
+                    grad[e].zero_()
                 continue
             rows = slice(start, start + n)
             start += n
@@ -65,15 +102,58 @@ class _SwiGLUExpertsCPU(torch.autograd.Function):
             h = silu_a * b
             dh = torch.mm(dy, w_down[e])  # d(loss)/d(h) before the gate scaling
             grad_gates[rows] = (dh * h).sum(-1)
-            torch.mm(dy.t(), h.mul_(g), out=grad_w_down[e])
+            dy_g = dy * g  # d(loss)/d(down projection before the gate scaling)
+            if ctx.lora:
+                # down: y = h W^T + s (drop(h) A^T) B^T
+                d_low = torch.mm(dy, b_down[e])  # (n, r), before the gate scaling
+                grad_gates[rows] += s * (d_low * low[2][rows]).sum(-1)
+                torch.mm(dy_g.t(), low[2][rows], out=gb_down[e]).mul_(s)
+                d_low.mul_(g).mul_(s)
+                dropped_h = h if masks[2] is None else h * masks[2][rows]
+                torch.mm(d_low.t(), dropped_h, out=ga_down[e])
+                through_adapter = torch.mm(d_low, a_down[e])
+                if masks[2] is not None:
+                    through_adapter.mul_(masks[2][rows])
+            if grad_w_down is not None:
+                torch.mm(dy_g.t(), h, out=grad_w_down[e])
             dh.mul_(g)
+            if ctx.lora:
+                dh.add_(through_adapter)
             da = dh * b * sig * (1 + a * (1 - sig))  # silu'(a) = sig * (1 + a * (1 - sig))
             db = dh.mul_(silu_a)
-            torch.mm(da.t(), x_e, out=grad_w_gate[e])
-            torch.mm(db.t(), x_e, out=grad_w_up[e])
+            if grad_w_gate is not None:
+                torch.mm(da.t(), x_e, out=grad_w_gate[e])
+            if grad_w_up is not None:
+                torch.mm(db.t(), x_e, out=grad_w_up[e])
             torch.mm(da, w_gate[e], out=grad_x[rows])
             grad_x[rows].addmm_(db, w_up[e])
-        return grad_x, grad_gates, grad_w_gate, grad_w_up, grad_w_down, None
+            if ctx.lora:
+                for d_proj, a_w, b_w, ga, gb, low_p, mask in (
+                        (da, a_gate, b_gate, ga_gate, gb_gate, low[0], masks[0]),
+                        (db, a_up, b_up, ga_up, gb_up, low[1], masks[1])):
+                    # y = x W^T + s (drop(x) A^T) B^T
+                    torch.mm(d_proj.t(), low_p[rows], out=gb[e]).mul_(s)
+                    d_low = torch.mm(d_proj, b_w[e]).mul_(s)  # (n, r)
+                    dropped_x = x_e if mask is None else x_e * mask[rows]
+                    torch.mm(d_low.t(), dropped_x, out=ga[e])
+                    if mask is None:
+                        grad_x[rows].addmm_(d_low, a_w[e])
+                    else:
+                        grad_x[rows].add_(torch.mm(d_low, a_w[e]).mul_(mask[rows]))
+        return (grad_x, grad_gates, grad_w_gate, grad_w_up, grad_w_down, *lora_grads,
+                None, None, None)
+
+
+def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout: 0, or 1 / (1 - p) with probability 1 - p."""
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+def _add_adapter(proj, y, a, b, scaling, low_out, mask, rows) -> None:
+    """proj += scaling * (drop(y) a^T) b^T, keeping low_out = drop(y) a^T (n, r) for backward."""
+    dropped = y if mask is None else y * mask[rows]
+    torch.mm(dropped, a.t(), out=low_out)
+    proj.addmm_(low_out, b.t(), alpha=scaling)
 
 
 def _use_cuda_grouped_mm(x: torch.Tensor) -> bool:
@@ -82,18 +162,53 @@ def _use_cuda_grouped_mm(x: torch.Tensor) -> bool:
     return x.is_cuda and low_precision and hasattr(torch, "_grouped_mm")
 
 
+PROJECTIONS = ("w_gate", "w_up", "w_down")
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts: down(silu(gate(x)) * up(x)) with weights stacked on dim 0."""
+    """E SwiGLU experts: down(silu(gate(x)) * up(x)) with weights stacked on dim 0.
+
+    `add_lora` gives each projection stacked adapters `<proj>_lora_A` (E, r, in) and
+    `<proj>_lora_B` (E, out, r): every parameter here has the expert on dim 0, so expert
+    parallelism and FSDP shard the adapters with their experts."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
         self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w_up = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.lora_scaling, self.lora_dropout = 0.0, 0.0
+        self.has_lora = False
 
     def init_weights(self, std: float) -> None:
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, std=std)
+
+    def add_lora(self, rank: int, scaling: float, dropout: float) -> None:
+        for name in PROJECTIONS:
+            weight = getattr(self, name)
+            E, out_features, in_features = weight.shape
+            self.register_parameter(f"{name}_lora_A", nn.Parameter(
+                weight.new_empty(E, rank, in_features)))
+            self.register_parameter(f"{name}_lora_B", nn.Parameter(
+                weight.new_zeros(E, out_features, rank)))
+        self.lora_scaling, self.lora_dropout, self.has_lora = scaling, dropout, True
+
+    def adapters(self) -> list[torch.Tensor | None]:
+        """[A_gate, B_gate, A_up, B_up, A_down, B_down], or six Nones without LoRA."""
+        if not self.has_lora:
+            return [None] * 6
+        return [getattr(self, f"{name}_lora_{ab}") for name in PROJECTIONS for ab in "AB"]
+
+    @torch.no_grad()
+    def merge_lora_(self) -> None:
+        """W[e] += scaling * B[e] A[e] for every projection; the adapters are removed."""
+        for name in PROJECTIONS:
+            a, b = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
+            getattr(self, name).add_(torch.bmm(b, a), alpha=self.lora_scaling)
+            delattr(self, f"{name}_lora_A")
+            delattr(self, f"{name}_lora_B")
+        self.has_lora = False
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                 gates: torch.Tensor) -> torch.Tensor:
@@ -101,12 +216,17 @@ class GroupedExperts(nn.Module):
         each row scaled by its gate. E_local: the experts held here (all of them in one
         process)."""
         weights = [_local(w) for w in (self.w_gate, self.w_up, self.w_down)]
+        adapters = [None if a is None else _local(a) for a in self.adapters()]
+        dropout = self.lora_dropout if self.training else 0.0
         # grouped_mm needs 16-byte aligned strides: bf16 dims that are multiples of 8
-        if _use_cuda_grouped_mm(x) and all(n % 8 == 0 for w in weights for n in w.shape[1:]):
-            return _grouped_mm_experts(x, tokens_per_expert, gates, *weights)
+        if _use_cuda_grouped_mm(x) and all(n % 8 == 0 for w in weights + adapters
+                                           if w is not None for n in w.shape[1:]):
+            return _grouped_mm_experts(x, tokens_per_expert, gates, *weights, adapters,
+                                       self.lora_scaling, dropout)
         counts = tokens_per_expert.tolist()  # NOTE: device-to-host sync; free on CPU
         gates = gates.to(x.dtype)
-        return _SwiGLUExpertsCPU.apply(x.contiguous(), gates, *weights, counts)
+        return _SwiGLUExpertsCPU.apply(x.contiguous(), gates, *weights, *adapters, counts,
+                                       self.lora_scaling, dropout)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
@@ -115,18 +235,28 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
-def _grouped_mm_experts(x, tokens_per_expert, gates, w_gate, w_up, w_down):
+def _grouped_mm_experts(x, tokens_per_expert, gates, w_gate, w_up, w_down, adapters, scaling,
+                        dropout):
     """CUDA, bf16. Offsets are the int32 cumulative counts, so the last group ends at row M
     exactly: no row is left outside a group (rows past the last offset are not written by
-    `_grouped_mm` and would carry garbage into the combine and NaN into the gradients)."""
+    `_grouped_mm` and would carry garbage into the combine and NaN into the gradients).
+    Adapters, when present, are two more grouped matmuls per projection, rank r wide."""
     offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
     xb = x.bfloat16()
+    a_gate, b_gate, a_up, b_up, a_down, b_down = adapters
 
     def mm(inp, w):
         return torch._grouped_mm(inp, w.bfloat16().transpose(-2, -1), offs=offsets)
 
-    h = F.silu(mm(xb, w_gate)) * mm(xb, w_up)
-    return (mm(h, w_down) * gates.unsqueeze(-1).to(torch.bfloat16)).type_as(x)
+    def project(inp, w, a, b):
+        out = mm(inp, w)
+        if a is None:
+            return out
+        return out + scaling * mm(mm(F.dropout(inp, dropout), a), b)
+
+    h = F.silu(project(xb, w_gate, a_gate, b_gate)) * project(xb, w_up, a_up, b_up)
+    return (project(h, w_down, a_down, b_down) * gates.unsqueeze(-1).to(torch.bfloat16)
+            ).type_as(x)
 
 
 class SwiGLU(nn.Module):

@@ -197,6 +197,10 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
                 param.fill_(1.0)
+            elif name.endswith("lora_B"):  # LoRA: the adapted model starts as the base
+                param.zero_()
+            elif name.endswith("lora_A"):  # the variance of peft's kaiming-uniform A
+                seeded_normal_(param, (3 * param.shape[-1]) ** -0.5, seed, name)
             else:
                 std = cfg.embedding_std if name == "tok_embeddings.weight" else cfg.init_std
                 seeded_normal_(param, std, seed, name)

@@ -33,8 +33,6 @@ from moetrain.model.transformer import Transformer
 from moetrain.parallel.dispatch import AllToAllDispatcher
 from moetrain.parallel.mesh import ParallelMesh
 
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
-
 
 def all_reduce_sum(group):
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -85,8 +83,8 @@ def apply_expert_parallel(moe_layers: list[MoE], ep_mesh: DeviceMesh, dedup: boo
     for moe in moe_layers:
         experts = moe.experts
         local = moe.cfg.num_experts // ep_size
-        for name in EXPERT_WEIGHTS:
-            full = getattr(experts, name)
+        # every parameter of the experts has the expert on dim 0: weights and LoRA adapters
+        for name, full in list(experts.named_parameters(recurse=False)):
             block = full.detach()[ep_rank * local:(ep_rank + 1) * local].clone()
             sharded = DTensor.from_local(block, ep_mesh, [Shard(0)], run_check=False)
             setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))

@@ -1,0 +1,201 @@
+"""LoRA: stacked expert adapters in the fused pass against a per-expert loop, the adapted
+model against its base, merging, freezing and the trainer's LoRA fine-tune."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetrain.config import LoRAConfig
+from moetrain.model import Transformer
+from moetrain.model.experts import GroupedExperts, _grouped_mm_experts
+from moetrain.model.lora import LoRALinear, apply_lora, merge_lora_, trainable_state_names
+from moetrain.presets import tiny_deepseek, tiny_mixtral
+
+ALL_TARGETS = ["experts", "shared_experts", "dense_ffn", "attention"]
+
+
+def lora_experts(E=5, D=8, H=12, rank=3, scaling=2.0, dropout=0.0, dtype=torch.float64):
+    torch.manual_seed(0)
+    experts = GroupedExperts(E, D, H).to(dtype)
+    experts.init_weights(0.3)
+    experts.add_lora(rank, scaling, dropout)
+    with torch.no_grad():  # B nonzero, so the adapters change the output
+        for adapter in experts.adapters():
+            adapter.normal_(0, 0.3)
+    return experts
+
+
+def per_expert_lora_reference(experts, x, counts, gates, masks=None):
+    """Written from the formula: each projection W y + s B A drop(y), expert by expert."""
+    s = experts.lora_scaling
+    a_g, b_g, a_u, b_u, a_d, b_d = experts.adapters()
+    rows, start = [], 0
+    for e, n in enumerate(counts):
+        xe = x[start:start + n]
+        m = [None] * 3 if masks is None else [mk[start:start + n] for mk in masks]
+
+        def drop(y, mask):
+            return y if mask is None else y * mask
+
+        gate = xe @ experts.w_gate[e].t() + s * (drop(xe, m[0]) @ a_g[e].t()) @ b_g[e].t()
+        up = xe @ experts.w_up[e].t() + s * (drop(xe, m[1]) @ a_u[e].t()) @ b_u[e].t()
+        h = F.silu(gate) * up
+        down = h @ experts.w_down[e].t() + s * (drop(h, m[2]) @ a_d[e].t()) @ b_d[e].t()
+        rows.append(down * gates[start:start + n, None])
+        start += n
+    return torch.cat(rows)
+
+
+def test_stacked_adapters_in_the_fused_pass_match_a_per_expert_loop_with_gradients():
+    experts = lora_experts()
+    counts = [3, 0, 5, 1, 0]
+    x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(9, dtype=torch.float64, requires_grad=True)
+    out = experts(x, torch.tensor(counts), gates)
+    torch.testing.assert_close(out, per_expert_lora_reference(experts, x, counts, gates))
+    params = list(experts.parameters())
+    assert len(params) == 9
+    assert torch.autograd.gradcheck(
+        lambda a, g, *w: experts(a, torch.tensor(counts), g), (x, gates, *params))
+
+
+def test_frozen_base_weights_get_no_gradient_and_adapters_the_reference_one():
+    experts = lora_experts()
+    for w in (experts.w_gate, experts.w_up, experts.w_down):
+        w.requires_grad_(False)
+    counts = [4, 2, 0, 3, 1]
+    x = torch.randn(10, 8, dtype=torch.float64)
+    gates = torch.rand(10, dtype=torch.float64)
+    experts(x, torch.tensor(counts), gates).pow(2).sum().backward()
+    fused = [a.grad.clone() for a in experts.adapters()]
+    assert all(w.grad is None for w in (experts.w_gate, experts.w_up, experts.w_down))
+    for a in experts.adapters():
+        a.grad = None
+    per_expert_lora_reference(experts, x, counts, gates).pow(2).sum().backward()
+    for got, adapter in zip(fused, experts.adapters()):
+        torch.testing.assert_close(got, adapter.grad)
+        assert adapter.grad.abs().sum() > 0
+
+
+def test_adapter_dropout_drops_adapter_inputs_only_while_training():
+    experts = lora_experts(dropout=0.5)
+    counts = [3, 2, 0, 4, 1]
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(10, dtype=torch.float64)
+    experts.eval()
+    torch.testing.assert_close(experts(x, torch.tensor(counts), gates),
+                               per_expert_lora_reference(experts, x, counts, gates))
+    experts.train()
+    params = [x, *experts.parameters()]
+
+    def seeded(*args):  # the same masks on every call, so gradcheck sees one function
+        torch.manual_seed(5)
+        return experts(x, torch.tensor(counts), gates)
+
+    assert torch.autograd.gradcheck(seeded, params)
+    # the masks are those of inverted dropout on each adapter's input
+    torch.manual_seed(5)
+    masks = [torch.empty(10, 8, dtype=torch.float64).bernoulli_(0.5).div_(0.5),
+             torch.empty(10, 8, dtype=torch.float64).bernoulli_(0.5).div_(0.5),
+             torch.empty(10, 12, dtype=torch.float64).bernoulli_(0.5).div_(0.5)]
+    torch.testing.assert_close(seeded(), per_expert_lora_reference(experts, x, counts, gates,
+                                                                  masks))
+    assert not torch.allclose(seeded(), experts.eval()(x, torch.tensor(counts), gates))
+
+
+def test_cuda_grouped_mm_path_with_adapters_matches_the_fused_pass():
+    """The CUDA path's math, run on the CPU (torch._grouped_mm exists there too), in bf16."""
+    experts = lora_experts(E=4, D=16, H=32, rank=8, dtype=torch.float32)
+    counts = torch.tensor([5, 0, 7, 4])
+    x = torch.randn(16, 16)
+    gates = torch.rand(16)
+    weights = [experts.w_gate, experts.w_up, experts.w_down]
+    got = _grouped_mm_experts(x, counts, gates, *weights, experts.adapters(),
+                              experts.lora_scaling, 0.0)
+    want = experts(x, counts, gates)
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_lora_linear_starts_as_its_base_and_merges_to_the_same_function():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 4, bias=False).double()
+    lora = LoRALinear(base, rank=2, scaling=4.0, dropout=0.0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.nn.init.normal_(lora.lora_A)
+    assert torch.equal(lora(x), x @ base.weight.t())  # B = 0
+    torch.nn.init.normal_(lora.lora_B)
+    want = x @ base.weight.t() + 4.0 * x @ lora.lora_A.t() @ lora.lora_B.t()
+    torch.testing.assert_close(lora(x), want)
+    torch.testing.assert_close(lora.merged()(x), want)
+
+
+def adapted(cfg, targets=ALL_TARGETS, rank=4, seed=3, **lora):
+    """(base model, LoRA model on a copy of the base weights)."""
+    base = Transformer(copy.deepcopy(cfg)).double()
+    base.init_weights(seed)
+    model = copy.deepcopy(base)
+    apply_lora(model, LoRAConfig(rank=rank, alpha=8.0, targets=targets, **lora))
+    with torch.no_grad():  # what init_weights gives the adapters: A random, B zero
+        for name, p in model.named_parameters():
+            if name.endswith("lora_A"):
+                p.normal_(0, 0.3)
+            elif name.endswith("lora_B"):
+                p.zero_()
+    return base, model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_lora_model_starts_exactly_as_its_base(family):
+    cfg = tiny_mixtral() if family == "mixtral" else tiny_deepseek()
+    targets = ALL_TARGETS if family == "deepseek" else ["experts", "attention"]
+    base, model = adapted(cfg, targets)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    assert torch.equal(model(tokens)[0], base(tokens)[0])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_only_adapters_train_and_the_merged_model_has_the_lora_models_logits(family):
+    cfg = tiny_mixtral() if family == "mixtral" else tiny_deepseek()
+    targets = ALL_TARGETS if family == "deepseek" else ["experts", "attention"]
+    base, model = adapted(cfg, targets)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.endswith(("lora_A", "lora_B")) for n in names)
+    assert any(".experts.w_down_lora_B" in n for n in names)
+    assert any(".attn.wq.lora_A" in n for n in names)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    for _ in range(3):
+        opt.zero_grad()
+        logits, aux = model(tokens[:, :-1])
+        (F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + aux).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (name in names), name
+    assert {id(p) for p in opt.state} == {id(p) for n, p in model.named_parameters()
+                                          if n in names}
+    for key, value in base.state_dict().items():  # base weights bit-identical
+        if not key.endswith("expert_bias"):
+            assert torch.equal(model.state_dict()[key], value), key
+    model.eval()
+    with torch.no_grad():
+        lora_logits = model(tokens[:, :-1])[0]
+        assert not torch.allclose(lora_logits, base.eval()(tokens[:, :-1])[0])
+        merge_lora_(model)
+        assert not any(n.endswith(("lora_A", "lora_B")) for n in model.state_dict())
+        assert set(model.state_dict()) == set(base.state_dict())
+        merged = model(tokens[:, :-1])[0]
+    assert (merged - lora_logits).abs().max() <= 1e-5 * lora_logits.abs().max()
+
+
+def test_train_router_keeps_the_router_trainable_and_in_the_adapter_state():
+    _, model = adapted(tiny_deepseek(), ["experts"], train_router=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.endswith("router.weight")}
+    state = trainable_state_names(model)
+    assert trainable <= state
+    assert {n for n in state if n.endswith("expert_bias")}  # buffers travel with the adapters
+    assert not any(n.endswith("experts.w_gate") or n == "tok_embeddings.weight" for n in state)
