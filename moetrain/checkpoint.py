@@ -195,29 +195,71 @@ def load_run_config(checkpoint: Path):
                                                OmegaConf.load(Path(checkpoint) / "config.yaml")))
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu"):
+def load_model(source: str | Path, device: str | torch.device = "cpu", merge: bool = True):
     """(model in eval mode with full tensors, RunConfig) in this one process, from a run or
     checkpoint directory written by any layout, or from `hf:DIR` (a transformers checkpoint).
-    Built on the meta device and never initialised: every parameter and buffer is loaded."""
+    Built on the meta device and never initialised: every parameter and buffer is loaded.
+    A LoRA run's checkpoint (adapters only) loads onto its base (the run's init_from), and
+    the adapters are merged into the weights unless merge=False."""
     from moetrain.model import Transformer
+    from moetrain.model.lora import apply_lora, merge_lora_
     if str(source).startswith("hf:"):
         from moetrain.hf import load_hf_model
         model, cfg = load_hf_model(str(source)[3:], device=device)
         return model.eval(), cfg
     checkpoint = find_checkpoint(source)
     cfg = load_run_config(checkpoint)
+    lora = cfg.finetune.lora
     with torch.device("meta"):
         model = Transformer(cfg.model)
+        if lora.enabled:
+            apply_lora(model, lora)
     model.to_empty(device=device)
     model.init_buffers()
-    load_model_weights(model, checkpoint)
+    if lora.enabled:
+        load_lora_base(model, cfg.init_from, field=f"{checkpoint}'s init_from")
+        load_model_weights(model, checkpoint, keys=lora_checkpoint_keys(model))
+        if merge:
+            merge_lora_(model)
+    else:
+        load_model_weights(model, checkpoint)
     return model.eval(), cfg
 
 
-def load_model_weights(model, checkpoint: Path) -> None:
-    """Every parameter and persistent buffer of `model` (plain, or sharded by any layout) from
-    a (verified) checkpoint's `model.*` tensors, strictly: DCP reshards them to this layout."""
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+def lora_checkpoint_keys(model) -> set[str]:
+    from moetrain.model.lora import trainable_state_names
+    return trainable_state_names(model)
+
+
+def load_lora_base(model, init_from: str | None, field: str = "init_from",
+                   verified: bool = False) -> None:
+    """The frozen base weights of a LoRA model: every non-adapter tensor, from a moetrain
+    checkpoint (verified here unless `verified`) or `hf:DIR`."""
+    from moetrain.model.lora import is_adapter
+    if not init_from:
+        raise ValueError(f"{field} is not set: a LoRA checkpoint holds only the adapters, "
+                         "and its base is the run's init_from")
+    if init_from.startswith("hf:"):
+        from moetrain.hf.convert import load_hf_weights_
+        load_hf_weights_(model, init_from[3:])
+        return
+    base = checked_path(init_from, field)
+    if not verified:
+        verify_checkpoint(base)
+    base_cfg = load_run_config(base)
+    if base_cfg.finetune.lora.enabled:
+        raise ValueError(f"{field}={init_from!r} is itself a LoRA checkpoint; export it merged "
+                         "(python -m moetrain.export CKPT --format hf --out DIR) and start "
+                         "from init_from=hf:DIR")
+    load_model_weights(model, base, keys={k for k in model.state_dict() if not is_adapter(k)})
+
+
+def load_model_weights(model, checkpoint: Path, keys: set[str] | None = None) -> None:
+    """Every parameter and persistent buffer of `model` (plain, or sharded by any layout), or
+    only those named in `keys`, from a (verified) checkpoint's `model.*` tensors, strictly:
+    the checkpoint holds exactly those. DCP reshards them to this layout."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()
+             if keys is None or k in keys}
     load_strict(state, checkpoint, prefix="model.")
 
 
@@ -262,8 +304,11 @@ class Checkpointer:
     detector. It holds those objects, not the loop; `load` returns the step to continue from."""
 
     def __init__(self, root: Path, model, optimizer, scheduler, data, detector=None,
-                 keep_last: int = 0):
+                 keep_last: int = 0, model_keys: set[str] | None = None):
         self.root = Path(root)
+        # which of the model's tensors to save: all (None), or a LoRA run's adapters and
+        # buffers (its frozen base is its init_from)
+        self.model_keys = model_keys
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.data, self.detector, self.keep_last = data, detector, keep_last
 
@@ -273,7 +318,8 @@ class Checkpointer:
         blocks, FSDP shards) and their optimizer slots are DTensors of their logical shape, so
         DCP stores each tensor once and reshards it on load; nothing is gathered on a rank.
         Loading writes into these in place: they are the parameters and the optimizer state."""
-        state = {f"model.{name}": tensor for name, tensor in self.model.state_dict().items()}
+        state = {f"model.{name}": tensor for name, tensor in self.model.state_dict().items()
+                 if self.model_keys is None or name in self.model_keys}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue

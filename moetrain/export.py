@@ -37,16 +37,14 @@ def export_safetensors(source: str | Path, out: Path, dtype: str = "float32",
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     checkpoint = find_checkpoint(source)
     cfg = load_run_config(checkpoint)
-    read, metadata = logical_tensor_reader(checkpoint)
+    read, shapes = logical_tensor_reader(checkpoint, cfg)
     entries = []
-    for key, meta in metadata.items():
-        if not key.startswith("model.") or (cfg.model.tie_embeddings
-                                            and key == "model.output.weight"):
+    for name, (size, stored) in shapes.items():
+        if cfg.model.tie_embeddings and name == "output.weight":
             continue
-        name = key[len("model."):]
         target = (torch.float32 if name.endswith(FP32_TENSORS)
-                  or not meta.properties.dtype.is_floating_point else DTYPES[dtype])
-        entries.append(Entry(name, tuple(meta.size), target,
+                  or not stored.is_floating_point else DTYPES[dtype])
+        entries.append(Entry(name, size, target,
                              lambda name=name, target=target: read(name).to(target)))
     with published(out, overwrite) as partial:
         write_file(partial / "model.safetensors", entries)

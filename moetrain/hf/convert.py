@@ -20,7 +20,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from moetrain.checkpoint import quiet_single_process, find_checkpoint, load_run_config
+from moetrain.checkpoint import (find_checkpoint, load_model, load_run_config,
+                                 quiet_single_process)
 from moetrain.config import DataConfig, ModelConfig, RunConfig
 from moetrain.hf.families import (STASH_KEY, empty_tensors, family_for, hf_config, is_stacked,
                                   model_config_from_hf, to_hf_names)
@@ -28,6 +29,7 @@ from moetrain.hf.safetensors_io import Entry, ShardedReader, write_sharded
 from moetrain.hf.tokenizer import tokenizer_setting, write_tokenizer
 from moetrain.model import Transformer
 from moetrain.model.init import local_region
+from moetrain.model.lora import is_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Kept in fp32 whatever the export dtype, as transformers keeps it (a selection bias of ~1e-3
@@ -35,19 +37,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FP32_TENSORS = ("router.expert_bias",)
 
 
-def logical_tensor_reader(checkpoint: Path):
-    """read(name) -> the full logical tensor `model.<name>` from a DCP checkpoint."""
+def logical_tensor_reader(checkpoint: Path, cfg: RunConfig):
+    """(read, shapes): read(name) -> the full logical tensor of the model's `name`, and
+    shapes[name] = (size, dtype) for every model tensor. A plain checkpoint is read from DCP one
+    tensor at a time; a LoRA run's checkpoint (adapters only) is loaded onto its base and
+    merged in memory first, so what is exported is the fine-tuned model."""
+    if cfg.finetune.lora.enabled:
+        model, _ = load_model(checkpoint)  # merged
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        return state.__getitem__, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    shapes = {}
+    for key, meta in metadata.items():
+        if key.startswith("model."):
+            assert isinstance(meta, TensorStorageMetadata)
+            shapes[key[len("model."):]] = (tuple(meta.size), meta.properties.dtype)
 
     def read(name: str) -> torch.Tensor:
-        meta = metadata[f"model.{name}"]
-        assert isinstance(meta, TensorStorageMetadata)
-        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        tensor = torch.empty(shapes[name][0], dtype=shapes[name][1])
         with quiet_single_process():
             dcp.load({f"model.{name}": tensor}, checkpoint_id=str(checkpoint))
         return tensor
 
-    return read, metadata
+    return read, shapes
 
 
 def export_hf(source: str | Path, out: Path, dtype: str = "float32",
@@ -93,7 +105,7 @@ def published(out: str | Path, overwrite: bool):
 def _write_hf(checkpoint: Path, cfg: RunConfig, config: dict, eos_id: int, partial: Path,
               dtype: str, max_shard_size: int) -> None:
     family = family_for(cfg.model)
-    read, metadata = logical_tensor_reader(checkpoint)
+    read, shapes = logical_tensor_reader(checkpoint, cfg)
     with torch.device("meta"):
         names = list(Transformer(cfg.model).state_dict())  # the model's own order
     if cfg.model.tie_embeddings:
@@ -111,12 +123,12 @@ def _write_hf(checkpoint: Path, cfg: RunConfig, config: dict, eos_id: int, parti
         return get
 
     for name in names:
-        meta = metadata[f"model.{name}"]
-        target = (torch.float32 if name.endswith(FP32_TENSORS) or not meta.properties.dtype
-                  .is_floating_point else DTYPES[dtype])
+        size, stored = shapes[name]
+        target = (torch.float32 if name.endswith(FP32_TENSORS) or not stored.is_floating_point
+                  else DTYPES[dtype])
         hf_names = to_hf_names(family, name, num_experts)
         stacked = is_stacked(family, name)
-        shape = tuple(meta.size[1:]) if stacked else tuple(meta.size)
+        shape = size[1:] if stacked else size
         for expert, hf_name in enumerate(hf_names):
             entries.append(Entry(hf_name, shape, target,
                                  fetch(name, expert if stacked else None, target)))
@@ -165,7 +177,8 @@ def load_hf_weights_(model: Transformer, directory: str | Path) -> None:
     family = family_for(model.cfg)
     reader = ShardedReader(directory)
     available = reader.names()
-    state = model.state_dict()
+    # a LoRA model's adapters are not in a base checkpoint
+    state = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}
     if model.cfg.tie_embeddings:
         state.pop("output.weight")
     num_experts = model.cfg.moe.num_experts if model.cfg.moe is not None else 0

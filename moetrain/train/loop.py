@@ -14,7 +14,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from moetrain.checkpoint import Checkpointer, checked_path, checkpoint_dir, resolve_resume
+from moetrain.checkpoint import (Checkpointer, checked_path, checkpoint_dir, load_lora_base,
+                                 resolve_resume)
 from moetrain.config import RunConfig
 from moetrain.data.loader import build_data
 from moetrain.hf.convert import load_hf_weights_
@@ -22,6 +23,7 @@ from moetrain.loggers import RunLogger
 from moetrain.loss import next_token_loss
 from moetrain.model import num_params
 from moetrain.model.balance import pop_step_loads, update_expert_bias
+from moetrain.model.lora import trainable_state_names
 from moetrain.monitor import CollapseDetector, expert_load_record
 from moetrain.optim import build_optimizer
 from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, finalize_grads
@@ -49,6 +51,12 @@ class Trainer:
                      if cfg.init_from and hf_dir is None else None)
         if cfg.resume not in (None, "auto"):
             checked_path(cfg.resume)
+        lora = cfg.finetune.lora.enabled
+        if lora and init_from is not None:
+            # the adapters' checkpoints name their base: make it findable from anywhere
+            cfg.init_from = str(init_from.resolve())
+        elif lora:
+            cfg.init_from = f"hf:{os.path.abspath(hf_dir)}"
         self.ranks = join_ranks(cfg)
         self.rank, self.world, self.device = self.ranks.rank, self.ranks.world, self.ranks.device
         self.run_dir = choose_run_dir(cfg, self.ranks)
@@ -63,13 +71,20 @@ class Trainer:
                                           cfg.model.moe.num_experts) if self.moe_layers else None)
         self.checkpointer = Checkpointer(
             checkpoint_dir(self.run_dir), self.model, self.optimizer, self.scheduler, self.data,
-            self.detector, keep_last=cfg.checkpoint.keep_last)
+            self.detector, keep_last=cfg.checkpoint.keep_last,
+            model_keys=trainable_state_names(self.model) if lora else None)
         self.step = 0
         self.logger = None
         self.signals = STOP
         # Verified collectively: each rank hashes its share of the files.
         self.resumed_from = resolve_resume(cfg.resume, self.run_dir)
-        if self.resumed_from is not None:
+        if lora:  # the frozen base, then (resuming) the adapters and optimizer state
+            if init_from is not None:
+                resolve_resume(str(init_from), self.run_dir, field="init_from")  # verifies
+            load_lora_base(self.model, cfg.init_from, verified=True)
+            if self.resumed_from is not None:
+                self.step = self.checkpointer.load(self.resumed_from)
+        elif self.resumed_from is not None:
             self.step = self.checkpointer.load(self.resumed_from)
         elif init_from is not None:
             resolve_resume(str(init_from), self.run_dir, field="init_from")  # verifies

@@ -15,6 +15,7 @@ from moetrain.config import RunConfig
 from moetrain.hf.convert import import_model_config
 from moetrain.hf.tokenizer import tokenizer_setting
 from moetrain.model import Transformer, num_params
+from moetrain.model.lora import apply_lora
 from moetrain.parallel import build_mesh, init_distributed, parallelize
 from moetrain.parallel.memory import format_bytes, state_bytes_per_rank
 
@@ -40,6 +41,13 @@ def apply_init_from_hf(cfg: RunConfig) -> str | None:
 def describe(cfg: RunConfig, model: Transformer, world: int) -> str:
     counts = num_params(model)
     lines = [f"parameters: {counts['total']:,} total, {counts['active']:,} active per token"]
+    lora = cfg.finetune.lora
+    if lora.enabled:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lines.append(f"LoRA rank {lora.rank} (alpha {lora.alpha:g}) on "
+                     f"{', '.join(lora.targets)}: {trainable:,} trainable "
+                     f"({100 * trainable / counts['total']:.2f}%), the rest frozen"
+                     + ("; router trained" if lora.train_router else "; router frozen"))
     moe = cfg.model.moe
     if moe is not None:
         ep = cfg.parallel.ep
@@ -64,6 +72,8 @@ def dry_run(cfg: RunConfig) -> dict:
     """Build on the meta device (no memory, any size) and report sizes and layout."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
+        if cfg.finetune.lora.enabled:
+            apply_lora(model, cfg.finetune.lora)
     print(describe(cfg, model, world_size_from_env()), flush=True)
     return num_params(model)
 
@@ -137,6 +147,8 @@ def build_model(cfg: RunConfig, ranks: Ranks):
         mesh = build_mesh(cfg.parallel, cfg.model.moe.num_experts if cfg.model.moe else None)
     with torch.device("meta"):
         model = Transformer(cfg.model)
+        if cfg.finetune.lora.enabled:  # adapters first: parallelize shards them with experts
+            apply_lora(model, cfg.finetune.lora)
     fsdp = ranks.world > 1 and cfg.parallel.data_parallel == "fsdp"
     module = parallelize(
         model, mesh, cfg.parallel, device=ranks.device, seed=cfg.train.seed,

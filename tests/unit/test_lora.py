@@ -199,3 +199,129 @@ def test_train_router_keeps_the_router_trainable_and_in_the_adapter_state():
     assert trainable <= state
     assert {n for n in state if n.endswith("expert_bias")}  # buffers travel with the adapters
     assert not any(n.endswith("experts.w_gate") or n == "tok_embeddings.weight" for n in state)
+
+
+# ----------------------------------------------------------------------------- the trainer
+from moetrain.checkpoint import load_model, load_run_config  # noqa: E402
+from moetrain.config import (BalanceConfig, DataConfig, FinetuneConfig, LoggerConfig,  # noqa: E402
+                             LoopConfig, ModelConfig, MoEConfig, OptimConfig, RunConfig,
+                             WandbConfig)
+from moetrain.train import Trainer  # noqa: E402
+
+SHIFTED_TEXT = "\n\n".join(
+    f"Chapter {i}. The lighthouse keeper counted {i * 7 % 13} ships and wrote {i % 5} letters "
+    "to the harbour master, who never answered any of them." for i in range(400))
+
+
+def tiny_cfg(tmp_path, name, steps, **overrides) -> RunConfig:
+    cfg = RunConfig(
+        run_dir=str(tmp_path / name),
+        model=ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, ffn_hidden=64,
+                          max_seq_len=32, first_k_dense=1,
+                          moe=MoEConfig(router="sigmoid", num_experts=8, top_k=2,
+                                        expert_hidden=16, n_shared_experts=1),
+                          balance=BalanceConfig(aux_free=True, aux_loss="sequence",
+                                                aux_loss_coef=1e-3)),
+        data=DataConfig(synthetic_docs=400, synthetic_val_docs=40, seq_len=32),
+        optim=OptimConfig(lr=1e-2, warmup_steps=2),
+        train=LoopConfig(steps=steps, micro_batch_size=4, log_every=2, val_every=0),
+        logger=LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=False,
+                            plots=False))
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def lora_cfg(tmp_path, base, name, steps=8, **lora):
+    text = tmp_path / "shifted.txt"
+    text.write_text(SHIFTED_TEXT)
+    cfg = tiny_cfg(tmp_path, name, steps, init_from=str(base),
+                   finetune=FinetuneConfig(LoRAConfig(
+                       rank=4, alpha=8.0, targets=["experts", "shared_experts", "attention"],
+                       **lora)))
+    cfg.data = DataConfig(source="text", path=str(text), sample_by="paragraph", seq_len=32,
+                          val_fraction=0.1)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("base")
+    trainer = Trainer(tiny_cfg(tmp, "base", steps=6))
+    trainer.fit()
+    return tmp / "base" / "checkpoints" / "step_00000006"
+
+
+def test_lora_fine_tune_lowers_the_loss_on_shifted_data_with_the_base_untouched(
+        tmp_path, base_checkpoint):
+    base_model, _ = load_model(base_checkpoint)
+    trainer = Trainer(lora_cfg(tmp_path, base_checkpoint, "lora", steps=10))
+    before = trainer.validate()
+    trainer.fit()
+    after = trainer.validate()
+    assert after < before - 0.2, (before, after)
+    # frozen: bit-identical to the base; only adapters (and the expert bias buffer) moved
+    state = trainer.model.state_dict()
+    for key, value in base_model.state_dict().items():
+        if not key.endswith("expert_bias"):
+            assert torch.equal(state[key], value), key
+    slots = {id(p) for p in trainer.optimizer.state}
+    for name, p in trainer.model.named_parameters():
+        assert (id(p) in slots) == name.endswith(("lora_A", "lora_B")), name
+
+    # the checkpoint holds the adapters and buffers only, and names its base
+    checkpoint = tmp_path / "lora" / "checkpoints" / "step_00000010"
+    import torch.distributed.checkpoint as dcp
+    saved = {k[len("model."):] for k in dcp.FileSystemReader(str(checkpoint)).read_metadata()
+             .state_dict_metadata if k.startswith("model.")}
+    assert saved == {k for k in state if k.endswith(("lora_A", "lora_B", "expert_bias"))}
+    assert load_run_config(checkpoint).init_from == str(base_checkpoint.resolve())
+
+    # loaded for evaluation: base + adapters, merged, with the LoRA model's logits
+    merged, _ = load_model(checkpoint)
+    assert not any(k.endswith(("lora_A", "lora_B")) for k in merged.state_dict())
+    tokens = trainer.val_blocks[:4, :-1]
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(tokens)[0]
+        got = merged(tokens)[0]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_resumed_lora_run_ends_where_an_uninterrupted_one_does(tmp_path, base_checkpoint):
+    whole = Trainer(lora_cfg(tmp_path, base_checkpoint, "whole", steps=6))
+    whole.fit()
+    first = lora_cfg(tmp_path, base_checkpoint, "parts", steps=6)
+    first.train.exit_at_step = 3
+    Trainer(first).fit()
+    second = lora_cfg(tmp_path, base_checkpoint, "parts", steps=6)
+    second.resume = "auto"
+    resumed = Trainer(second)
+    assert resumed.step == 3
+    resumed.fit()
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0,
+                                   msg=key)
+
+
+def test_lora_needs_a_base_and_valid_targets(tmp_path, base_checkpoint):
+    cfg = lora_cfg(tmp_path, base_checkpoint, "bad")
+    cfg.init_from = None
+    with pytest.raises(ValueError, match=r"finetune.lora.rank=4 needs init_from"):
+        cfg.validate(1)
+    cfg = lora_cfg(tmp_path, base_checkpoint, "bad", )
+    cfg.finetune.lora.targets = ["experts", "mlp"]
+    with pytest.raises(ValueError, match=r"targets has 'mlp'; valid: experts, shared_experts"):
+        cfg.validate(1)
+    cfg.finetune.lora.targets = ["experts"]
+    cfg.model.moe.n_shared_experts = 0
+    cfg.finetune.lora.targets = ["shared_experts"]
+    with pytest.raises(ValueError, match=r"has 'shared_experts' but this model has no shared"):
+        cfg.validate(1)
+
+
+def test_a_lora_checkpoint_cannot_be_a_lora_base(tmp_path, base_checkpoint):
+    Trainer(lora_cfg(tmp_path, base_checkpoint, "first", steps=2)).fit()
+    adapters = tmp_path / "first" / "checkpoints" / "step_00000002"
+    with pytest.raises(ValueError, match=r"is itself a LoRA checkpoint; export it merged"):
+        Trainer(lora_cfg(tmp_path, adapters, "second", steps=2))
