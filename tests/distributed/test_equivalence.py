@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
-from tests.distributed.workers import Case, family, reference_run, run_cases
+from tests.distributed.workers import Case, family, lora_config, reference_run, run_cases
 
 FAMILIES = [("mixtral", None), ("mixtral", 1.0), ("deepseek", None), ("deepseek", 1.0),
             ("mixtral_global", None), ("expert_choice", 1.0)]
@@ -39,7 +39,9 @@ CASES = {
            Case("deepseek", None, ep=1, accum=2, recompute=True),
            Case("deepseek", None, ep=2, data_parallel="ddp", accum=2),
            Case("mixtral", None, ep=2, dtype="fp64"),
-           Case("mixtral_tied", None, ep=2), Case("mixtral_tied", None, data_parallel="ddp")]),
+           Case("mixtral_tied", None, ep=2), Case("mixtral_tied", None, data_parallel="ddp"),
+           Case("deepseek", None, ep=2, lora=True),
+           Case("mixtral", 1.0, ep=2, data_parallel="ddp", lora=True)]),
     4: (_all_families(ep=4) + _all_families(ep=2)
         + [Case(name, cf, ep=ep, data_parallel="ddp") for name, cf in FAMILIES[:3]
            for ep in (2, 4)]
@@ -51,16 +53,19 @@ CASES = {
            Case("deepseek", None, ep=1, dp_replicate=2, accum=2, defer_sync=True),
            Case("deepseek", None, ep=2, dtype="fp64"),
            Case("mixtral_global", None, ep=4, dtype="fp64"),
-           Case("mixtral_tied", None, ep=2, dp_replicate=2)]),
+           Case("mixtral_tied", None, ep=2, dp_replicate=2),
+           Case("deepseek", None, ep=2, lora=True), Case("mixtral", None, ep=4, lora=True),
+           Case("mixtral", None, ep=2, data_parallel="ddp", lora=True)]),
 }
 # max |delta| / max |reference| per tensor: fp32 leaves summation-order noise, fp64 only bugs
 TOLERANCE = {"fp32": 1e-5, "fp64": 1e-10}
 
 
 @functools.lru_cache(maxsize=None)
-def reference(name, capacity_factor, micro_batches, dtype):
+def reference(name, capacity_factor, micro_batches, dtype, lora=False):
     return reference_run(family(name, capacity_factor), micro_batches,
-                         dtype=Case(name, dtype=dtype).torch_dtype)
+                         dtype=Case(name, dtype=dtype).torch_dtype,
+                         lora=lora_config(name) if lora else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +81,8 @@ def case_id(world_size: int, case: Case) -> str:
                                       (f"accum{case.accum}", case.accum > 1),
                                       ("defer-sync", case.defer_sync),
                                       (f"hsdp{case.dp_replicate}", case.dp_replicate > 1),
-                                      ("fp64", case.dtype == "fp64")) if on]
+                                      ("fp64", case.dtype == "fp64"),
+                                      ("lora", case.lora)) if on]
     return "-".join(parts)
 
 
@@ -97,7 +103,8 @@ def test_parallel_layout_matches_single_process(world_size, case_index):
     # Global-batch statistics see all ranks' tokens at once: one big micro-batch per
     # accumulation step in one process.
     ranks_per_micro = 1 if case.family == "mixtral_global" else world_size
-    ref = reference(case.family, case.capacity_factor, ranks_per_micro * case.accum, case.dtype)
+    ref = reference(case.family, case.capacity_factor, ranks_per_micro * case.accum, case.dtype,
+                    case.lora)
     ranks = [r[case_index] for r in parallel_results(world_size)]
     tolerance = TOLERANCE[case.dtype]
 
@@ -112,6 +119,7 @@ def test_parallel_layout_matches_single_process(world_size, case_index):
         torch.testing.assert_close(torch.tensor(result["grad_norms"]),
                                    torch.tensor(ref["grad_norms"]), rtol=tolerance, atol=0,
                                    msg=f"rank {rank} global gradient norm")
+        assert result["first_grads"].keys() == ref["first_grads"].keys()
         for key, value in ref["first_grads"].items():
             assert_relative_close(result["first_grads"][key], value, tolerance,
                                   f"rank {rank} gradient of {key} at step 1")
@@ -133,3 +141,11 @@ def test_parallel_layout_matches_single_process(world_size, case_index):
         assert any(b.abs().sum() > 0 for b in ranks[0]["expert_bias"])
     assert all(r["state"][k].dtype == case.torch_dtype for r in ranks for k in r["state"]
                if k.endswith("weight"))
+    if case.lora:  # only the adapters trained: the frozen base still holds its init
+        assert ref["first_grads"] and all(k.endswith(("lora_A", "lora_B"))
+                                          for k in ref["first_grads"])
+        for key, value in ranks[0]["state"].items():
+            if not key.endswith(("lora_A", "lora_B", "expert_bias")):
+                assert torch.equal(value, ranks[0]["init_state"][key]), key
+            elif key.endswith("lora_B"):
+                assert value.abs().sum() > 0, f"{key} never moved from zero"

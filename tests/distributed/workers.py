@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from moetrain.config import ModelConfig, ParallelConfig
+from moetrain.config import LoRAConfig, ModelConfig, ParallelConfig
 from moetrain.loss import next_token_loss
 from moetrain.model import Transformer
 from moetrain.model.balance import pop_step_loads, update_expert_bias
+from moetrain.model.lora import apply_lora
 from moetrain.parallel import (accumulating, all_reduce_sum, build_mesh, clip_grad_norm_,
                                finalize_grads, parallelize)
 from moetrain.presets import tiny_deepseek, tiny_expert_choice, tiny_mixtral
@@ -36,6 +37,13 @@ def family(name: str, capacity_factor=None) -> ModelConfig:
     return tiny_deepseek(max_seq_len=SEQ, ffn_hidden=48,
                          moe=dict(expert_hidden=8, capacity_factor=capacity_factor),
                          balance=dict(aux_loss_coef=0.01, bias_update_rate=0.01))
+
+
+def lora_config(name: str) -> LoRAConfig:
+    """Adapters on every kind of layer the family has; the base is frozen."""
+    targets = (["experts", "shared_experts", "dense_ffn", "attention"] if name == "deepseek"
+               else ["experts", "attention"])
+    return LoRAConfig(rank=4, alpha=8.0, targets=targets)
 
 
 def global_batch() -> torch.Tensor:
@@ -70,6 +78,7 @@ class Case:
     dtype: str = "fp32"  # fp32 | fp64
     dp_replicate: int = 1  # HSDP groups
     defer_sync: bool = False  # FSDP accumulation with unsharded parameters and gradients
+    lora: bool = False  # a LoRA fine-tune: adapters train, the base is frozen
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -87,7 +96,7 @@ def default_dtype(dtype: torch.dtype):
 
 
 def reference_run(cfg: ModelConfig, micro_batches: int, steps: int = STEPS,
-                  dtype: torch.dtype = torch.float32) -> dict:
+                  dtype: torch.dtype = torch.float32, lora: LoRAConfig | None = None) -> dict:
     """One process, the global batch as `micro_batches` equal micro-batches (one per rank and
     accumulation step). One thread, like each rank: matmul results can differ in the last bit
     with thread count."""
@@ -95,14 +104,17 @@ def reference_run(cfg: ModelConfig, micro_batches: int, steps: int = STEPS,
     torch.set_num_threads(1)
     try:
         with default_dtype(dtype):
-            return _reference_run(cfg, micro_batches, steps)
+            return _reference_run(cfg, micro_batches, steps, lora)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int) -> dict:
+def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int,
+                   lora: LoRAConfig | None) -> dict:
     torch.manual_seed(0)
     model = Transformer(copy.deepcopy(cfg))
+    if lora is not None:
+        apply_lora(model, lora)
     model.init_weights(SEED)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
@@ -118,7 +130,8 @@ def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int) -> dict:
             step_counts = step_counts + layer_counts(model)
             dropped.append(layer_dropped(model))
         if step == 0:
-            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         if cfg.balance.aux_free:
@@ -154,6 +167,8 @@ def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
     mesh = mesh_for(pcfg, cfg.moe.num_experts)
     with torch.device("meta"):  # as the trainer does: only this rank's shards are ever built
         model = Transformer(copy.deepcopy(cfg))
+        if case.lora:
+            apply_lora(model, lora_config(case.family))
     moe_forwards = ForwardCounter(model.moe_layers())  # twice per layer when recomputed
     module = parallelize(model, mesh, pcfg, seed=SEED, activation_checkpointing=case.recompute)
     init_state = gather_logical(model.state_dict())
@@ -174,7 +189,8 @@ def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
             step_counts = step_counts + reduce(layer_counts(model))
         finalize_grads(model, mesh)
         if step == 0:
-            first_grads = gather_logical({n: p.grad for n, p in model.named_parameters()})
+            first_grads = gather_logical({n: p.grad for n, p in model.named_parameters()
+                                          if p.grad is not None})
         norms.append(clip_grad_norm_(model, CLIP).item())
         opt.step()
         if cfg.balance.aux_free:
