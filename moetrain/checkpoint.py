@@ -277,6 +277,13 @@ def load_strict(state: dict, path: Path, prefix: str = "") -> None:
         raise ValueError(f"checkpoint {path} does not match this model: missing keys "
                          f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                          f"keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for key, tensor in state.items():
+        saved_meta = metadata.state_dict_metadata[key]
+        size = getattr(saved_meta, "size", None)
+        if size is not None and tuple(size) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint {path} does not match this model: {key} is "
+                             f"{tuple(size)} there and {tuple(tensor.shape)} here (is the model "
+                             "config the checkpoint's?)")
     try:
         with quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))

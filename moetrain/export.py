@@ -9,7 +9,9 @@
                           (layers.1.ffn.experts.w_gate, ...) plus config.yaml
 
 CKPT_OR_RUN_DIR is a checkpoint directory or a run directory (its newest complete checkpoint),
-written by any layout. Tensors stream one at a time from the checkpoint to the output.
+written by any layout. Tensors stream one at a time from the checkpoint to the output. A LoRA
+run's checkpoint (adapters only) is loaded onto its base (the run's init_from) and merged in
+memory first: the export is the fine-tuned model, with the base's names and shapes.
 A setting with no transformers equivalent, or an existing non-empty --out, fails with one line
 before anything is written.
 """

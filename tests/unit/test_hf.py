@@ -31,11 +31,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_mixtral(tmp_path: Path, **overrides) -> Path:
-    cfg = transformers.MixtralConfig(
+    cfg = transformers.MixtralConfig(**{**dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
         num_experts_per_tok=2, max_position_embeddings=32, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, **overrides)
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}), **overrides})
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg)
     _spread_routers(model)
@@ -348,3 +348,53 @@ def test_init_from_hf_trains_from_the_transformers_weights(tmp_path):
     summary = trainer.fit()
     assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite
     shutil.rmtree(directory)
+
+
+# --------------------------------------------------------------------------- LoRA export
+def lora_run(tmp_path: Path, base: str, family: str) -> Path:
+    from moetrain.config import FinetuneConfig, LoRAConfig
+    moe = (MoEConfig(num_experts=4, top_k=2, expert_hidden=32) if family == "mixtral" else
+           MoEConfig(router="sigmoid", num_experts=8, top_k=3, expert_hidden=16, n_groups=4,
+                     topk_groups=2, n_shared_experts=2, route_scale=2.0))
+    cfg = tiny_run(tmp_path / "lora", moe, steps=4)
+    if not base.startswith("hf:"):
+        from moetrain.checkpoint import load_run_config
+        cfg.model = load_run_config(Path(base)).model
+    cfg.init_from = base
+    targets = ["experts", "attention"] + (["shared_experts", "dense_ffn"]
+                                          if family == "deepseek" else [])
+    cfg.finetune = FinetuneConfig(LoRAConfig(rank=4, alpha=8.0, targets=targets))
+    cfg.optim.lr = 3e-2  # adapters far from zero, so merging is tested on real deltas
+    trainer = Trainer(cfg)  # an hf: base sets the architecture itself
+    trainer.fit()
+    return tmp_path / "lora" / "run"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_export_of_a_lora_run_merges_the_adapters(tmp_path, family):
+    base_run = trained_checkpoint(tmp_path, family)
+    run_dir = lora_run(tmp_path, str(base_run / "checkpoints" / "step_00000003"), family)
+    unmerged, _ = load_model(run_dir, merge=False)
+    base, _ = load_model(base_run)
+    out = export_hf(run_dir, tmp_path / "hf")
+    assert_same_logits(unmerged, out, 256)  # transformers runs the merged weights
+    tokens = torch.randint(1, 256, (1, 9))
+    with torch.no_grad():
+        assert rel_err(base(tokens)[0], unmerged(tokens)[0]) > 1e-3  # the adapters matter
+    # moetrain's own format: the merged tensors under the base's names
+    from safetensors.torch import load_file
+    assert export_main([str(run_dir), "--format", "safetensors",
+                        "--out", str(tmp_path / "st")]) == 0
+    tensors = load_file(tmp_path / "st" / "model.safetensors")
+    merged, _ = load_model(run_dir)
+    assert tensors.keys() == merged.state_dict().keys() == base.state_dict().keys()
+    for key, value in merged.state_dict().items():
+        assert torch.equal(tensors[key], value), key
+
+
+def test_lora_on_a_transformers_base_exports_with_equal_logits(tmp_path):
+    directory = hf_mixtral(tmp_path, vocab_size=256)  # the byte tokenizer's
+    run_dir = lora_run(tmp_path, f"hf:{directory}", "mixtral")
+    unmerged, cfg = load_model(run_dir, merge=False)
+    assert cfg.init_from == f"hf:{directory.resolve()}"
+    assert_same_logits(unmerged, export_hf(run_dir, tmp_path / "hf_out"), 256)
