@@ -171,6 +171,27 @@ def load_heatmap_figure(load_fraction: Sequence[Sequence[float]], layers: Sequen
     return fig
 
 
+def specialisation_figure(load: Sequence[Sequence[float]], sources: Sequence[str], layer: int,
+                          nmi: float, title: str = "") -> Figure:
+    """Data sources (rows) x experts (columns): each source's share of its assignments per
+    expert against the fair share 1/E (moetrain.specialisation)."""
+    ratios = np.asarray(load, dtype=float) * len(load[0])  # (S, E)
+    num_sources, num_experts = ratios.shape
+    fig = _new_figure(min(MAX_WIDTH_IN, 5 + 0.12 * num_experts),
+                      min(MAX_HEIGHT_IN, 1.8 + 0.4 * num_sources))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_less_equal(ratios, 0), cmap=load_cmap(),
+                      norm=load_norm(ratios), aspect="auto", interpolation="nearest")
+    _add_load_colorbar(fig, ax, image, ratios)
+    expert_ticks = _index_ticks(num_experts, 16)
+    ax.set_xticks(expert_ticks, labels=[str(e) for e in expert_ticks])
+    ax.set_yticks(range(num_sources), labels=list(sources))
+    ax.set_xlabel("expert")
+    ax.set_title(f"{title + chr(10) if title else ''}layer {layer}: share of each source's "
+                 f"tokens per expert (NMI {nmi:.2f})", fontsize="medium")
+    return fig
+
+
 def figure_to_rgb(fig: Figure) -> np.ndarray:
     """(H, W, 3) uint8 pixels of `fig`, drawn by the Agg canvas (what wandb.Image takes)."""
     canvas = FigureCanvasAgg(fig)
