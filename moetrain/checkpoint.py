@@ -202,7 +202,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", merge: bo
     A LoRA run's checkpoint (adapters only) loads onto its base (the run's init_from), and
     the adapters are merged into the weights unless merge=False."""
     from moetrain.model import Transformer
-    from moetrain.model.lora import apply_lora, merge_lora_
+    from moetrain.model.lora import apply_lora, merge_lora_, trainable_state_names
     if str(source).startswith("hf:"):
         from moetrain.hf import load_hf_model
         model, cfg = load_hf_model(str(source)[3:], device=device)
@@ -218,17 +218,12 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", merge: bo
     model.init_buffers()
     if lora.enabled:
         load_lora_base(model, cfg.init_from, field=f"{checkpoint}'s init_from")
-        load_model_weights(model, checkpoint, keys=lora_checkpoint_keys(model))
+        load_model_weights(model, checkpoint, keys=trainable_state_names(model))
         if merge:
             merge_lora_(model)
     else:
         load_model_weights(model, checkpoint)
     return model.eval(), cfg
-
-
-def lora_checkpoint_keys(model) -> set[str]:
-    from moetrain.model.lora import trainable_state_names
-    return trainable_state_names(model)
 
 
 def load_lora_base(model, init_from: str | None, field: str = "init_from",

@@ -522,6 +522,10 @@ class RunConfig:
         _check(not (self.resume and self.init_from) or lora.enabled,
                "set resume (continue a run) or init_from (new run from a checkpoint's "
                "weights), not both")
+        _check(not (lora.enabled and lora.train_router and self.model.moe is not None
+                    and self.model.moe.freeze_router),
+               "finetune.lora.train_router=true contradicts model.moe.freeze_router=true; "
+               "set one of them")
         _check(not lora.enabled or bool(self.init_from),
                f"finetune.lora.rank={lora.rank} needs init_from=<the base checkpoint, or "
                "hf:DIR>: adapters train on frozen pretrained weights")

@@ -295,8 +295,9 @@ def load_for_evaluation(source: str | Path, ep: int | None = None,
     """The checkpoint's model ready for `evaluate`: whole in one process, or under torchrun
     (WORLD_SIZE/MASTER_ADDR set) parallelized over the job's ranks with the checkpoint's
     layout, `ep` overriding its expert-parallel degree."""
-    from moetrain.checkpoint import (find_checkpoint, load_model, load_model_weights,
-                                     load_run_config)
+    from moetrain.checkpoint import (find_checkpoint, load_lora_base, load_model,
+                                     load_model_weights, load_run_config)
+    from moetrain.model.lora import apply_lora, trainable_state_names
     from moetrain.model import Transformer
     from moetrain.parallel import build_mesh, init_distributed, parallelize
     if device is None:
@@ -320,10 +321,17 @@ def load_for_evaluation(source: str | Path, ep: int | None = None,
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     mesh = build_mesh(cfg.parallel, num_experts)
+    lora = cfg.finetune.lora
     with torch.device("meta"):
         model = Transformer(cfg.model)
+        if lora.enabled:  # adapters run unmerged on their (sharded) base
+            apply_lora(model, lora)
     module = parallelize(model, mesh, cfg.parallel, device=device, seed=cfg.train.seed)
-    load_model_weights(model, checkpoint)
+    if lora.enabled:
+        load_lora_base(model, cfg.init_from, field=f"{checkpoint}'s init_from")
+        load_model_weights(model, checkpoint, keys=trainable_state_names(model))
+    else:
+        load_model_weights(model, checkpoint)
     model.eval()
     return LoadedModel(model, module, cfg, str(checkpoint), rank, world)
 

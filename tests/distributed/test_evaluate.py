@@ -105,3 +105,21 @@ def test_bad_input_under_torchrun_fails_fast_with_one_line(setup, tmp_path):
               if line.startswith("moetrain.evaluate: error:")]
     assert errors and all("no such file" in line for line in errors)
     assert "exitcode  : 2" in proc.stderr and "moetrain/evaluate.py" not in proc.stderr
+
+
+def test_a_lora_run_evaluated_at_ep2_equals_one_process(setup, tmp_path):
+    """Adapters-only checkpoint: each rank builds base + adapters sharded at ep=2 and loads
+    both; one process runs the same adapters unmerged."""
+    from moetrain.checkpoint import find_checkpoint, load_model
+    from moetrain.config import FinetuneConfig, LoRAConfig
+    run_dir, text, _ = setup
+    cfg = trained_run_config(tmp_path / "lora")
+    cfg.init_from = str(find_checkpoint(run_dir))
+    cfg.finetune = FinetuneConfig(LoRAConfig(rank=4, targets=["experts", "attention"]))
+    cfg.optim.lr = 3e-2
+    Trainer(cfg).fit()
+    model, loaded_cfg = load_model(tmp_path / "lora", merge=False)
+    blocks, tokenizer = blocks_of(loaded_cfg, str(text))
+    expected = evaluate(model, blocks, BATCH, token_bytes=token_byte_lengths(tokenizer)).to_dict()
+    for got in run_distributed(evaluate_rank, 2, tmp_path / "lora", text):
+        assert_same(got, expected)
