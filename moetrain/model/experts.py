@@ -102,20 +102,19 @@ class _SwiGLUExpertsCPU(torch.autograd.Function):
             h = silu_a * b
             dh = torch.mm(dy, w_down[e])  # d(loss)/d(h) before the gate scaling
             grad_gates[rows] = (dh * h).sum(-1)
-            dy_g = dy * g  # d(loss)/d(down projection before the gate scaling)
             if ctx.lora:
-                # down: y = h W^T + s (drop(h) A^T) B^T
+                # down: y = h W^T + s (drop(h) A^T) B^T, then scaled by the gate
                 d_low = torch.mm(dy, b_down[e])  # (n, r), before the gate scaling
                 grad_gates[rows] += s * (d_low * low[2][rows]).sum(-1)
-                torch.mm(dy_g.t(), low[2][rows], out=gb_down[e]).mul_(s)
+                torch.mm(dy.t(), low[2][rows] * (g * s), out=gb_down[e])
                 d_low.mul_(g).mul_(s)
                 dropped_h = h if masks[2] is None else h * masks[2][rows]
                 torch.mm(d_low.t(), dropped_h, out=ga_down[e])
                 through_adapter = torch.mm(d_low, a_down[e])
                 if masks[2] is not None:
                     through_adapter.mul_(masks[2][rows])
-            if grad_w_down is not None:
-                torch.mm(dy_g.t(), h, out=grad_w_down[e])
+            if grad_w_down is not None:  # h is not needed after this
+                torch.mm(dy.t(), h.mul_(g), out=grad_w_down[e])
             dh.mul_(g)
             if ctx.lora:
                 dh.add_(through_adapter)
