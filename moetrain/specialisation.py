@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "specialisation.json").write_text(json.dumps(result, indent=1) + "\n")
-        title = "untrained" if args.untrained else Path(args.source).name
+        title = Path(args.source).name + (" at its initial weights" if args.untrained else "")
         for rep in layers:
             fig = specialisation_figure([rep.load[name] for name in sources], list(sources),
                                         rep.layer, rep.nmi, title)
