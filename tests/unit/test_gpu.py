@@ -23,6 +23,30 @@ def test_cuda_grouped_mm_matches_the_cpu_path_in_bf16_tolerance():
     torch.testing.assert_close(got.float().cpu(), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_cuda_grouped_mm_with_lora_adapters_matches_the_cpu_path_with_gradients():
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 64, 128)
+    experts.init_weights(0.05)
+    experts.add_lora(8, 2.0, 0.0)
+    with torch.no_grad():
+        for adapter in experts.adapters():
+            adapter.normal_(0, 0.05)
+    for w in (experts.w_gate, experts.w_up, experts.w_down):
+        w.requires_grad_(False)
+    counts = torch.tensor([40, 0, 16, 8, 24, 0, 32, 8])
+    x = torch.randn(int(counts.sum()), 64)
+    gates = torch.rand(len(x))
+    expected = experts(x, counts, gates)
+    expected.square().sum().backward()
+    want = [a.grad.clone() for a in experts.adapters()]
+    experts.zero_grad()
+    got = experts.cuda()(x.cuda().bfloat16(), counts.cuda(), gates.cuda())
+    got.float().square().sum().backward()
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=2e-2, atol=2e-2)
+    for grad, ref in zip((a.grad.float().cpu() for a in experts.adapters()), want):
+        assert (grad - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 def test_moe_layer_trains_under_bf16_autocast():
     torch.manual_seed(0)
     moe = MoE(64, MoEConfig(num_experts=8, top_k=2, expert_hidden=64, router="sigmoid",
