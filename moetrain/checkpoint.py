@@ -238,15 +238,20 @@ def load_lora_base(model, init_from: str | None, field: str = "init_from",
         from moetrain.hf.convert import load_hf_weights_
         load_hf_weights_(model, init_from[3:])
         return
-    base = checked_path(init_from, field)
+    base = check_lora_base(init_from, field)
     if not verified:
         verify_checkpoint(base)
-    base_cfg = load_run_config(base)
-    if base_cfg.finetune.lora.enabled:
+    load_model_weights(model, base, keys={k for k in model.state_dict() if not is_adapter(k)})
+
+
+def check_lora_base(init_from: str, field: str = "init_from") -> Path:
+    """A moetrain checkpoint that can be a LoRA base (cheap: no hashing, no collective)."""
+    base = checked_path(init_from, field)
+    if load_run_config(base).finetune.lora.enabled:
         raise ValueError(f"{field}={init_from!r} is itself a LoRA checkpoint; export it merged "
                          "(python -m moetrain.export CKPT --format hf --out DIR) and start "
                          "from init_from=hf:DIR")
-    load_model_weights(model, base, keys={k for k in model.state_dict() if not is_adapter(k)})
+    return base
 
 
 def load_model_weights(model, checkpoint: Path, keys: set[str] | None = None) -> None:

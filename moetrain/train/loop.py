@@ -14,8 +14,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from moetrain.checkpoint import (Checkpointer, checked_path, checkpoint_dir, load_lora_base,
-                                 resolve_resume)
+from moetrain.checkpoint import (Checkpointer, check_lora_base, checked_path, checkpoint_dir,
+                                 load_lora_base, resolve_resume)
 from moetrain.config import RunConfig
 from moetrain.data.loader import build_data
 from moetrain.hf.convert import load_hf_weights_
@@ -53,6 +53,7 @@ class Trainer:
             checked_path(cfg.resume)
         lora = cfg.finetune.lora.enabled
         if lora and init_from is not None:
+            check_lora_base(cfg.init_from)
             # the adapters' checkpoints name their base: make it findable from anywhere
             cfg.init_from = str(init_from.resolve())
         elif lora:
