@@ -358,6 +358,9 @@ class LoopConfig:
     # Leave after this step with a checkpoint (fixed-length cluster jobs, like Megatron's
     # --exit-interval); the next job continues with resume=auto.
     exit_at_step: int | None = None
+    # Log milliseconds per step of each phase (data, forward, backward, grad sync, optimizer,
+    # balance, log) as `phase_ms`; on CUDA every phase boundary is then a device sync.
+    time_phases: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "log_every"):

@@ -144,6 +144,8 @@ def wandb_payload(record: dict) -> dict:
 
     from moetrain.plots import figure_to_rgb, load_heatmap_figure
     payload = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    for phase, ms in record.get("phase_ms", {}).items():
+        payload[f"phase_ms/{phase}"] = ms
     moe = record.get("moe")
     if moe:
         for key in LAYER_SCALARS:

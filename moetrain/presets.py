@@ -65,8 +65,9 @@ def tiny_expert_choice(*, moe: dict | None = None, balance: dict | None = None,
 
 def bench_moe_layers() -> dict[str, MoEConfig]:
     """The MoE layers the layer benchmarks time: Mixtral-shaped (8 wide experts, top-2) and
-    DeepSeek-shaped (64 fine-grained experts, top-8, one shared expert)."""
+    DeepSeek-shaped (64 fine-grained experts, top-8, without and with one shared expert)."""
     return {"E8k2": MoEConfig(num_experts=8, top_k=2, expert_hidden=1024),
+            "E64k8": MoEConfig(num_experts=64, top_k=8, expert_hidden=256),
             "E64k8s1": MoEConfig(num_experts=64, top_k=8, expert_hidden=256,
                                  n_shared_experts=1)}
 

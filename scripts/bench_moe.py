@@ -1,7 +1,9 @@
 """Benchmark one MoE layer (forward + backward) against equal-FLOP dense and loop references.
 
-Prints one JSON line per config. All times of a line come from the same run, so the ratios
-compare like with like on whatever machine runs it:
+Prints one JSON line per config. All times of a line come from the same run, and the variants
+are timed in turn within each repeat (MoE, dense, HF loop, MoE, dense, ...), so a change in
+the machine's state over the run reaches all of them alike; each time is the median of the
+repeats. The ratios:
   moe_vs_dense      our MoE layer / a dense SwiGLU of hidden (top_k + n_shared) * expert_hidden
   hf_loop_vs_dense  an HF-Mixtral-style loop over experts indexing stacked weights / dense
   naive_vs_moe      the per-token loop reference of the tests / our MoE layer
@@ -33,18 +35,30 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def fwd_bwd_seconds(fn, x, device) -> float:
+    x.grad = None
+    sync(device)
+    start = time.perf_counter()
+    out = fn(x)
+    out.backward(torch.ones_like(out))
+    sync(device)
+    return time.perf_counter() - start
+
+
 def time_fwd_bwd(fn, x, device, repeats, warmup=2):
-    times = []
-    for i in range(warmup + repeats):
-        x.grad = None
-        sync(device)
-        start = time.perf_counter()
-        out = fn(x)
-        out.backward(torch.ones_like(out))
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_interleaved({"fn": fn}, x, device, repeats, warmup)["fn"]
+
+
+def time_interleaved(fns: dict, x, device, repeats, warmup=2) -> dict[str, float]:
+    """Median seconds of forward + backward of each fn, the fns taking turns every repeat."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fwd_bwd_seconds(fn, x, device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(fwd_bwd_seconds(fn, x, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def hf_style_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +103,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--naive-tokens", type=int, default=256,
                         help="tokens for the per-token loop, and for the MoE run it is compared "
                              "with (0 skips it; the loop is slow)")
@@ -108,9 +122,10 @@ def main():
         moe, dense = moe.to(dtype), dense.to(dtype)
         x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
 
-        t_moe = time_fwd_bwd(lambda inp: moe(inp)[0], x, device, args.repeats)
-        t_dense = time_fwd_bwd(dense, x, device, args.repeats)
-        t_hf = time_fwd_bwd(lambda inp: hf_style_loop(moe, inp), x, device, args.repeats)
+        times = time_interleaved({"moe": lambda inp: moe(inp)[0], "dense": dense,
+                                  "hf": lambda inp: hf_style_loop(moe, inp)},
+                                 x, device, args.repeats)
+        t_moe, t_dense, t_hf = times["moe"], times["dense"], times["hf"]
         result = {
             "config": name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "tokens": args.tokens, "dim": args.dim,

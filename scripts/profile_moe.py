@@ -21,13 +21,12 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moetrain.config import BalanceConfig, MoEConfig
+from moetrain.config import BalanceConfig
 from moetrain.model.experts import SwiGLU
 from moetrain.model.moe import MoE
 from moetrain.presets import bench_moe_layers
 
-CONFIGS = {"E64k8": MoEConfig(num_experts=64, top_k=8, expert_hidden=256),
-           **bench_moe_layers()}
+CONFIGS = bench_moe_layers()
 
 KINDS = {
     "matmul": ("mm", "addmm", "addmm_", "bmm", "baddbmm", "_grouped_mm"),

@@ -23,28 +23,37 @@ from torch.distributed.tensor import DTensor
 class _SwiGLUExpertsCPU(torch.autograd.Function):
     """out[rows of e] = g * (silu(x W_gate[e]^T) * (x W_up[e]^T)) W_down[e]^T.
 
+    Rows: with `row_ids` None, x holds the M assignment rows sorted by expert and so does the
+    output. With `row_ids` (M,), x is the (N, D) token matrix: each expert gathers its rows
+    x[row_ids[rows of e]] itself and adds its gate-scaled outputs into an (N, D) output at the
+    same rows, so neither the (M, D) permuted copy of x nor the (M, D) expert output is ever
+    materialised (nor their gradients in backward); an expert's rows stay in cache from the
+    gather to the scatter-add.
+
     With LoRA adapters each projection W[e] y becomes W[e] y + s * B[e] A[e] drop(y), computed
     as two rank-r matmuls in the same walk; base weights that need no gradient (frozen under
     LoRA) get none computed."""
 
     @staticmethod
     def forward(ctx, x, gates, w_gate, w_up, w_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
-                counts: list[int], scaling: float, dropout: float):
-        M, hidden = x.shape[0], w_gate.shape[1]
+                counts: list[int], scaling: float, dropout: float, row_ids):
+        M, hidden, D = gates.shape[0], w_gate.shape[1], x.shape[1]
         lora = a_gate is not None
-        out = x.new_empty(M, w_down.shape[1])
+        gathered = row_ids is not None
+        out = x.new_zeros(x.shape[0], D) if gathered else x.new_empty(M, D)
         gate_proj = x.new_empty(M, hidden)  # saved pre-activations, as autograd would keep
         up_proj = x.new_empty(M, hidden)
         if lora:  # (M, r) adapter activations A drop(y), and the dropout masks (already / (1-p))
             rank = a_gate.shape[1]
             low = [x.new_empty(M, rank) for _ in range(3)]  # gate, up, down
-            masks = ([_dropout_mask(x, dropout), _dropout_mask(x, dropout),
-                      _dropout_mask(gate_proj, dropout)] if dropout > 0 else [None] * 3)
+            masks = ([_dropout_mask(x, (M, D), dropout), _dropout_mask(x, (M, D), dropout),
+                      _dropout_mask(x, (M, hidden), dropout)] if dropout > 0 else [None] * 3)
         start = 0
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                x_e = x[rows]
+                ids = row_ids[rows] if gathered else None
+                x_e = x.index_select(0, ids) if gathered else x[rows]
                 torch.mm(x_e, w_gate[e].t(), out=gate_proj[rows])
                 torch.mm(x_e, w_up[e].t(), out=up_proj[rows])
                 if lora:
@@ -53,27 +62,32 @@ class _SwiGLUExpertsCPU(torch.autograd.Function):
                     _add_adapter(up_proj[rows], x_e, a_up[e], b_up[e], scaling,
                                  low[1][rows], masks[1], rows)
                 h = F.silu(gate_proj[rows]).mul_(up_proj[rows])
-                torch.mm(h, w_down[e].t(), out=out[rows])
+                y = torch.mm(h, w_down[e].t(), out=None if gathered else out[rows])
                 if lora:
-                    _add_adapter(out[rows], h, a_down[e], b_down[e], scaling, low[2][rows],
-                                 masks[2], rows)
-                out[rows].mul_(gates[rows, None])
+                    _add_adapter(y, h, a_down[e], b_down[e], scaling, low[2][rows], masks[2],
+                                 rows)
+                y.mul_(gates[rows, None])
+                if gathered:
+                    out.index_add_(0, ids, y)
             start += n
         saved = [x, gates, w_gate, w_up, w_down, gate_proj, up_proj]
         if lora:
             saved += [a_gate, b_gate, a_up, b_up, a_down, b_down, *low]
             ctx.masks = masks
+        if gathered:
+            saved.append(row_ids)
         ctx.save_for_backward(*saved)
-        ctx.counts, ctx.lora, ctx.scaling = counts, lora, scaling
+        ctx.counts, ctx.lora, ctx.scaling, ctx.gathered = counts, lora, scaling, gathered
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         x, gates, w_gate, w_up, w_down, gate_proj, up_proj = saved[:7]
+        row_ids = saved[-1] if ctx.gathered else None
         need = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(x)
+        grad_x = torch.zeros_like(x) if ctx.gathered else torch.empty_like(x)
         grad_gates = torch.empty_like(gates)
         # None for a base weight that needs no gradient (frozen under LoRA): nothing computed
         grad_w_gate, grad_w_up, grad_w_down = (
@@ -95,7 +109,12 @@ class _SwiGLUExpertsCPU(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             start += n
-            x_e, dy, g = x[rows], grad_out[rows], gates[rows, None]
+            if ctx.gathered:
+                ids = row_ids[rows]
+                x_e, dy = x.index_select(0, ids), grad_out.index_select(0, ids)
+            else:
+                x_e, dy = x[rows], grad_out[rows]
+            g = gates[rows, None]
             a, b = gate_proj[rows], up_proj[rows]  # (n, hidden)
             sig = torch.sigmoid(a)
             silu_a = a * sig
@@ -124,8 +143,8 @@ class _SwiGLUExpertsCPU(torch.autograd.Function):
                 torch.mm(da.t(), x_e, out=grad_w_gate[e])
             if grad_w_up is not None:
                 torch.mm(db.t(), x_e, out=grad_w_up[e])
-            torch.mm(da, w_gate[e], out=grad_x[rows])
-            grad_x[rows].addmm_(db, w_up[e])
+            dx = torch.mm(da, w_gate[e], out=None if ctx.gathered else grad_x[rows])
+            dx.addmm_(db, w_up[e])
             if ctx.lora:
                 for d_proj, a_w, b_w, ga, gb, low_p, mask in (
                         (da, a_gate, b_gate, ga_gate, gb_gate, low[0], masks[0]),
@@ -136,16 +155,18 @@ class _SwiGLUExpertsCPU(torch.autograd.Function):
                     dropped_x = x_e if mask is None else x_e * mask[rows]
                     torch.mm(d_low.t(), dropped_x, out=ga[e])
                     if mask is None:
-                        grad_x[rows].addmm_(d_low, a_w[e])
+                        dx.addmm_(d_low, a_w[e])
                     else:
-                        grad_x[rows].add_(torch.mm(d_low, a_w[e]).mul_(mask[rows]))
+                        dx.add_(torch.mm(d_low, a_w[e]).mul_(mask[rows]))
+            if ctx.gathered:
+                grad_x.index_add_(0, ids, dx)
         return (grad_x, grad_gates, grad_w_gate, grad_w_up, grad_w_down, *lora_grads,
-                None, None, None)
+                None, None, None, None)
 
 
-def _dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+def _dropout_mask(like: torch.Tensor, shape: tuple[int, int], p: float) -> torch.Tensor:
     """Inverted dropout: 0, or 1 / (1 - p) with probability 1 - p."""
-    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+    return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
 
 
 def _add_adapter(proj, y, a, b, scaling, low_out, mask, rows) -> None:
@@ -214,18 +235,31 @@ class GroupedExperts(nn.Module):
         """x (M, D) sorted by expert, tokens_per_expert (E_local,) int64, gates (M,) -> (M, D),
         each row scaled by its gate. E_local: the experts held here (all of them in one
         process)."""
+        return self._run(x, tokens_per_expert, gates, None)
+
+    def forward_gathered(self, x: torch.Tensor, row_ids: torch.Tensor,
+                         tokens_per_expert: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x (N, D) tokens; row_ids (M,) the token of each assignment, sorted by expert ->
+        (N, D): every token's gate-weighted expert outputs summed. The same as gathering
+        x[row_ids], `forward`, then an index_add into token order, without the (M, D) copies
+        on the CPU path."""
+        return self._run(x, tokens_per_expert, gates, row_ids)
+
+    def _run(self, x, tokens_per_expert, gates, row_ids):
         weights = [_local(w) for w in (self.w_gate, self.w_up, self.w_down)]
         adapters = [None if a is None else _local(a) for a in self.adapters()]
         dropout = self.lora_dropout if self.training else 0.0
         # grouped_mm needs 16-byte aligned strides: bf16 dims that are multiples of 8
         if _use_cuda_grouped_mm(x) and all(n % 8 == 0 for w in weights + adapters
                                            if w is not None for n in w.shape[1:]):
-            return _grouped_mm_experts(x, tokens_per_expert, gates, *weights, adapters,
-                                       self.lora_scaling, dropout)
+            rows = x if row_ids is None else x.index_select(0, row_ids)
+            out = _grouped_mm_experts(rows, tokens_per_expert, gates, *weights, adapters,
+                                      self.lora_scaling, dropout)
+            return out if row_ids is None else x.new_zeros(x.shape).index_add(0, row_ids, out)
         counts = tokens_per_expert.tolist()  # NOTE: device-to-host sync; free on CPU
         gates = gates.to(x.dtype)
         return _SwiGLUExpertsCPU.apply(x.contiguous(), gates, *weights, *adapters, counts,
-                                       self.lora_scaling, dropout)
+                                       self.lora_scaling, dropout, row_ids)
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:

@@ -42,19 +42,29 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_local_experts = num_experts  # one process holds every expert
 
-    def dispatch(self, x, token_ids, expert_ids, weights) -> Dispatched:
-        """x (N, D) and M assignments -> the M rows sorted by expert."""
+    def _sorted(self, token_ids, expert_ids, weights):
+        """(token of each assignment, gate weights, tokens_per_expert), sorted by expert."""
         order = torch.argsort(expert_ids, stable=True)
         tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_local_experts)
-        sorted_token_ids = token_ids[order]
+        return token_ids[order], weights[order], tokens_per_expert
+
+    def dispatch(self, x, token_ids, expert_ids, weights) -> Dispatched:
+        """x (N, D) and M assignments -> the M rows sorted by expert."""
+        sorted_token_ids, gates, tokens_per_expert = self._sorted(token_ids, expert_ids, weights)
         # index_select, not x[idx]: its backward is an index_add, far cheaper than index_put.
-        return Dispatched(x.index_select(0, sorted_token_ids), weights[order], tokens_per_expert,
+        return Dispatched(x.index_select(0, sorted_token_ids), gates, tokens_per_expert,
                           sorted_token_ids, x.shape[0])
 
     def combine(self, expert_output, dispatched: Dispatched):
         """expert_output (M, D), gate-weighted, in dispatch order -> routed output (N, D)."""
         out = expert_output.new_zeros(dispatched.num_tokens, expert_output.shape[-1])
         return out.index_add(0, dispatched.token_ids, expert_output)
+
+    def run(self, experts, x, token_ids, expert_ids, weights):
+        """dispatch -> experts -> combine in one: the experts gather their rows of x and add
+        their outputs back into token order themselves (GroupedExperts.forward_gathered)."""
+        sorted_token_ids, gates, tokens_per_expert = self._sorted(token_ids, expert_ids, weights)
+        return experts.forward_gathered(x, sorted_token_ids, tokens_per_expert, gates)
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, priority: torch.Tensor, capacity: int,
@@ -124,10 +134,7 @@ class MoE(nn.Module):
             keep = capacity_keep_mask(expert_ids, weights.detach(), capacity, E)
             token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights[keep]
 
-        dispatched = self.dispatcher.dispatch(x_flat, token_ids, expert_ids, weights)
-        expert_output = self.experts(dispatched.expert_input, dispatched.tokens_per_expert,
-                                     dispatched.gates)
-        out = self.dispatcher.combine(expert_output, dispatched)  # (N, D)
+        out = self.dispatcher.run(self.experts, x_flat, token_ids, expert_ids, weights)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
 

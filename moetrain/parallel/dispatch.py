@@ -128,6 +128,13 @@ class AllToAllDispatcher:
             recv_rows=row, num_recv_units=recv_units.shape[0], units_sent=unit_send,
             units_received=unit_recv)
 
+    def run(self, experts, x, token_ids, expert_ids, weights):
+        """dispatch -> this rank's experts -> combine: (N, D) routed output."""
+        dispatched = self.dispatch(x, token_ids, expert_ids, weights)
+        expert_output = experts(dispatched.expert_input, dispatched.tokens_per_expert,
+                                dispatched.gates)
+        return self.combine(expert_output, dispatched)
+
     def combine(self, expert_output, dispatched: AllToAllDispatched):
         D = expert_output.shape[-1]
         # Sum each unit's gate-weighted expert outputs here, before the wire (dedup's saving).

@@ -30,7 +30,7 @@ from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, fin
 from moetrain.train.preemption import STOP, Preempted
 from moetrain.train.setup import (apply_init_from_hf, build_model, choose_run_dir, describe,
                                   join_ranks, world_size_from_env)
-from moetrain.train.throughput import Throughput, flops_per_token, peak_flops
+from moetrain.train.throughput import PhaseTimer, Throughput, flops_per_token, peak_flops
 
 
 class TrainingStopped(RuntimeError):
@@ -77,6 +77,7 @@ class Trainer:
         self.step = 0
         self.logger = None
         self.signals = STOP
+        self.phase = PhaseTimer(cfg.train.time_phases, self.device)
         # Verified collectively: each rank hashes its share of the files.
         self.resumed_from = resolve_resume(cfg.resume, self.run_dir)
         if lora:  # the frozen base, then (resuming) the adapters and optimizer state
@@ -111,14 +112,19 @@ class Trainer:
         accum = cfg.train.grad_accum
         ce_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
+        lap = self.phase.lap
+        lap(None)
         for micro in range(accum):
             tokens = self.data.next_batch().to(self.device)
+            lap("data")
             # DDP (and FSDP with parallel.fsdp_defer_sync) reduces gradients once, in the last
             # micro-batch's backward; FSDP otherwise reduce-scatters after each one.
             with (accumulating(self.module, cfg.parallel.fsdp_defer_sync)
                   if micro < accum - 1 else contextlib.nullcontext()):
                 ce, aux = self.loss_on(tokens)
+                lap("forward")
                 ((ce + aux) / accum).backward()
+                lap("backward")
             ce_sum += ce.detach() / accum
             aux_sum += aux.detach() / accum
         if self.ranks.distributed:
@@ -135,16 +141,21 @@ class Trainer:
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm_(self.model, max_norm)
         ce_value, aux_value, sigterm, sigint = losses.tolist()  # one sync per step
+        lap("grad sync and clip")
         loads = pop_step_loads(self.moe_layers, self.reduce) if self.moe_layers else None
+        lap("balance")
         finite = math.isfinite(ce_value + aux_value) and math.isfinite(grad_norm.item())
         if finite:
             self.optimizer.step()
+            lap("optimizer")
             if loads is not None and cfg.model.balance.aux_free:
                 balance = cfg.model.balance
                 update_expert_bias(self.moe_layers, loads, balance.bias_update_rate,
                                    balance.bias_center, rule=balance.bias_update)
+                lap("balance")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        lap("optimizer")
         if not finite:
             message = (f"non-finite loss at step {self.step + 1} (cross-entropy {ce_value}, "
                        f"aux {aux_value}, grad norm {grad_norm.item()})")
@@ -209,6 +220,7 @@ class Trainer:
                 self.step += 1
                 throughput.step()
                 self._log(out, throughput, summary)
+                self.phase.lap("log and validation")
                 summary.update(step=self.step, loss=out["loss"])
                 if out["stop_signal"] is not None and self.step < cfg.train.steps:
                     self._stop_on_signal(out["stop_signal"], resolved)
@@ -218,6 +230,7 @@ class Trainer:
                 if (every and self.step % every == 0) or (last and cfg.checkpoint.at_end) \
                         or exiting:
                     self.checkpointer.save(self.step, resolved)
+                    self.phase.lap("checkpoint")
                 if exiting:
                     break
         finally:
@@ -233,10 +246,14 @@ class Trainer:
         last = step == cfg.train.steps
         record = None
         if step % cfg.train.log_every == 0 or last:
+            if self.phase.enabled:  # this window's steps; log and checkpoint booked up to here
+                phases = {"phase_ms": self.phase.read(throughput.steps)}
             record = {"step": step, "loss": out["loss"], "ce_loss": out["ce_loss"],
                       "aux_loss": out["aux_loss"], "grad_norm": out["grad_norm"],
                       "lr": self.scheduler.get_last_lr()[0], **throughput.read(),
                       "tokens_seen": throughput.tokens_per_step * step}
+            if self.phase.enabled:
+                record.update(phases)
             if out["loads"] is not None:
                 if self.logger is not None:  # rank 0 alone writes the record
                     record["moe"] = expert_load_record(self.moe_layers, self.moe_layer_ids,

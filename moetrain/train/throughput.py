@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 
 import torch
 
@@ -48,4 +49,33 @@ class Throughput:
         out = {"tokens_per_s": tokens_per_s}
         if self.peak:
             out["mfu"] = tokens_per_s * self.flops / self.world / self.peak
+        return out
+
+
+class PhaseTimer:
+    """Wall time of each phase of the steps (data, forward, backward, ...), summed until read:
+    `lap(name)` books the time since the previous lap to `name`. Off by default: on CUDA each
+    lap is a device sync, which costs overlap."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.totals: dict[str, float] = defaultdict(float)
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str | None) -> None:
+        """phase None: start timing here (the beginning of a step) without booking."""
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if phase is not None:
+            self.totals[phase] += now - self.mark
+        self.mark = now
+
+    def read(self, steps: int) -> dict[str, float]:
+        """Milliseconds per step of each phase since the last read; starts a new window."""
+        out = {phase: round(1e3 * total / max(steps, 1), 3) for phase, total in
+               self.totals.items()}
+        self.totals.clear()
         return out

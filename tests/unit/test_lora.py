@@ -325,3 +325,22 @@ def test_a_lora_checkpoint_cannot_be_a_lora_base(tmp_path, base_checkpoint):
     adapters = tmp_path / "first" / "checkpoints" / "step_00000002"
     with pytest.raises(ValueError, match=r"is itself a LoRA checkpoint; export it merged"):
         Trainer(lora_cfg(tmp_path, adapters, "second", steps=2))
+
+
+def test_gathered_walk_with_adapters_and_dropout_matches_its_gradients():
+    experts = lora_experts(dropout=0.3)
+    counts = [2, 3, 0, 1, 2]
+    row_ids = torch.tensor([1, 4, 0, 1, 3, 2, 4, 0])
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(8, dtype=torch.float64, requires_grad=True)
+
+    def seeded(a, g, *w):
+        torch.manual_seed(3)
+        return experts.forward_gathered(a, row_ids, torch.tensor(counts), g)
+
+    assert torch.autograd.gradcheck(seeded, (x, gates, *experts.parameters()))
+    experts.eval()
+    rows = experts(x.index_select(0, row_ids), torch.tensor(counts), gates)
+    want = torch.zeros(5, 8, dtype=torch.float64).index_add(0, row_ids, rows)
+    torch.testing.assert_close(experts.forward_gathered(x, row_ids, torch.tensor(counts), gates),
+                               want)

@@ -205,3 +205,23 @@ def test_a_resumed_progress_bar_rates_only_its_own_steps_and_warnings_keep_their
     assert rate < 8  # one step in 0.25 s; counting the 80 resumed steps would show > 300
     segments = capsys.readouterr().err.split("\r")
     assert "WARNING: something\n" in segments  # on its own line, not after the bar's text
+
+
+def test_time_phases_logs_milliseconds_per_step_of_each_phase(tmp_path):
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=16)
+    cfg = tiny_run(tmp_path, moe, steps=4, grad_accum=2)
+    cfg.train.time_phases = True
+    Trainer(cfg).fit()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = [r for r in records if "tokens_per_s" in r]
+    assert len(logged) == 2
+    for record in logged:
+        phases = record["phase_ms"]
+        assert {"data", "forward", "backward", "grad sync and clip", "balance",
+                "optimizer"} <= set(phases)
+        assert all(ms >= 0 for ms in phases.values()) and phases["backward"] > 0
+    assert "log and validation" in logged[1]["phase_ms"]  # booked after the first log
+    cfg = tiny_run(tmp_path / "off", moe, steps=2)
+    Trainer(cfg).fit()
+    assert not any("phase_ms" in json.loads(line)
+                   for line in open(tmp_path / "off" / "run" / "metrics.jsonl"))
