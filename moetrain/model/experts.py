@@ -230,19 +230,17 @@ class GroupedExperts(nn.Module):
             delattr(self, f"{name}_lora_B")
         self.has_lora = False
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
-                gates: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, gates: torch.Tensor,
+                row_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, D) sorted by expert, tokens_per_expert (E_local,) int64, gates (M,) -> (M, D),
         each row scaled by its gate. E_local: the experts held here (all of them in one
-        process)."""
-        return self._run(x, tokens_per_expert, gates, None)
+        process).
 
-    def forward_gathered(self, x: torch.Tensor, row_ids: torch.Tensor,
-                         tokens_per_expert: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x (N, D) tokens; row_ids (M,) the token of each assignment, sorted by expert ->
-        (N, D): every token's gate-weighted expert outputs summed. The same as gathering
-        x[row_ids], `forward`, then an index_add into token order, without the (M, D) copies
-        on the CPU path."""
+        With row_ids (M,), the token of each assignment sorted by expert: x is the (N, D)
+        token matrix and the result (N, D) holds every token's gate-weighted expert outputs
+        summed. The same as gathering x[row_ids], the above, then an index_add into token
+        order, without the (M, D) copies on the CPU path. (An argument, not a second method:
+        FSDP's all-gather of the expert weights runs in the hooks of this module's call.)"""
         return self._run(x, tokens_per_expert, gates, row_ids)
 
     def _run(self, x, tokens_per_expert, gates, row_ids):

@@ -62,9 +62,9 @@ class LocalDispatcher:
 
     def run(self, experts, x, token_ids, expert_ids, weights):
         """dispatch -> experts -> combine in one: the experts gather their rows of x and add
-        their outputs back into token order themselves (GroupedExperts.forward_gathered)."""
+        their outputs back into token order themselves (GroupedExperts with row_ids)."""
         sorted_token_ids, gates, tokens_per_expert = self._sorted(token_ids, expert_ids, weights)
-        return experts.forward_gathered(x, sorted_token_ids, tokens_per_expert, gates)
+        return experts(x, tokens_per_expert, gates, row_ids=sorted_token_ids)
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, priority: torch.Tensor, capacity: int,

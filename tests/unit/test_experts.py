@@ -32,7 +32,7 @@ def test_grouped_experts_match_per_expert_swiglu_including_empty_experts():
 
 
 def test_gathered_walk_equals_gather_experts_scatter_with_gradients():
-    """forward_gathered reads token rows and adds outputs back itself: the same function as
+    """With row_ids the experts read token rows and adds outputs back itself: the same function as
     index_select -> forward -> index_add, gradients included (tokens with 0, 1 or 3 rows)."""
     torch.manual_seed(0)
     experts = GroupedExperts(4, 6, 10).double()
@@ -41,11 +41,11 @@ def test_gathered_walk_equals_gather_experts_scatter_with_gradients():
     row_ids = torch.tensor([0, 2, 5, 1, 2, 3, 5, 2, 4])  # token 6 has no row
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     gates = torch.rand(9, dtype=torch.float64, requires_grad=True)
-    got = experts.forward_gathered(x, row_ids, torch.tensor(counts), gates)
+    got = experts(x, torch.tensor(counts), gates, row_ids=row_ids)
     rows = experts(x.index_select(0, row_ids), torch.tensor(counts), gates)
     want = torch.zeros(7, 6, dtype=torch.float64).index_add(0, row_ids, rows)
     torch.testing.assert_close(got, want)
     assert torch.all(got[6] == 0)
     assert torch.autograd.gradcheck(
-        lambda a, g, *w: experts.forward_gathered(a, row_ids, torch.tensor(counts), g),
+        lambda a, g, *w: experts(a, torch.tensor(counts), g, row_ids=row_ids),
         (x, gates, *experts.parameters()))
