@@ -154,18 +154,9 @@ def load_heatmap_figure(load_fraction: Sequence[Sequence[float]], layers: Sequen
     """One step's load: MoE layers (rows) x experts (columns), for the wandb dashboard."""
     load = np.asarray(load_fraction, dtype=float)  # (L, E)
     num_layers, num_experts = load.shape
-    ratios = load * num_experts
-    fig = _new_figure(min(MAX_WIDTH_IN, 5 + 0.12 * num_experts),
-                      min(MAX_HEIGHT_IN, 2 + 0.35 * num_layers))
-    ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_less_equal(ratios, 0), cmap=load_cmap(),
-                      norm=load_norm(ratios), aspect="auto", interpolation="nearest")
-    _add_load_colorbar(fig, ax, image, ratios)
-    expert_ticks = _index_ticks(num_experts, 16)
-    ax.set_xticks(expert_ticks, labels=[str(e) for e in expert_ticks])
+    fig, ax = _experts_heatmap(load * num_experts, row_height=0.35, margin=2)
     layer_ticks = _index_ticks(num_layers, 16)
     ax.set_yticks(layer_ticks, labels=[f"layer {layers[i]}" for i in layer_ticks])
-    ax.set_xlabel("expert")
     ax.set_title("expert load" + (f" at step {step}" if step is not None else "")
                  + f" ({num_experts} experts, fair share 1/{num_experts})")
     return fig
@@ -175,21 +166,29 @@ def specialisation_figure(load: Sequence[Sequence[float]], sources: Sequence[str
                           nmi: float, title: str = "") -> Figure:
     """Data sources (rows) x experts (columns): each source's share of its assignments per
     expert against the fair share 1/E (moetrain.specialisation)."""
-    ratios = np.asarray(load, dtype=float) * len(load[0])  # (S, E)
-    num_sources, num_experts = ratios.shape
+    load = np.asarray(load, dtype=float)  # (S, E)
+    fig, ax = _experts_heatmap(load * load.shape[1], row_height=0.4, margin=1.8)
+    ax.set_yticks(range(len(sources)), labels=list(sources))
+    ax.set_title(f"{title + chr(10) if title else ''}layer {layer}: share of each source's "
+                 f"tokens per expert (NMI {nmi:.2f})", fontsize="medium")
+    return fig
+
+
+def _experts_heatmap(ratios: np.ndarray, row_height: float, margin: float
+                     ) -> tuple[Figure, Axes]:
+    """Rows x experts of load / fair share on the load colour scale, with its colour bar and
+    the expert axis; the caller labels the rows and the title."""
+    num_rows, num_experts = ratios.shape
     fig = _new_figure(min(MAX_WIDTH_IN, 5 + 0.12 * num_experts),
-                      min(MAX_HEIGHT_IN, 1.8 + 0.4 * num_sources))
+                      min(MAX_HEIGHT_IN, margin + row_height * num_rows))
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_less_equal(ratios, 0), cmap=load_cmap(),
                       norm=load_norm(ratios), aspect="auto", interpolation="nearest")
     _add_load_colorbar(fig, ax, image, ratios)
     expert_ticks = _index_ticks(num_experts, 16)
     ax.set_xticks(expert_ticks, labels=[str(e) for e in expert_ticks])
-    ax.set_yticks(range(num_sources), labels=list(sources))
     ax.set_xlabel("expert")
-    ax.set_title(f"{title + chr(10) if title else ''}layer {layer}: share of each source's "
-                 f"tokens per expert (NMI {nmi:.2f})", fontsize="medium")
-    return fig
+    return fig, ax
 
 
 def figure_to_rgb(fig: Figure) -> np.ndarray:
