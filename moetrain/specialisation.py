@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +57,6 @@ def source_texts(spec: str, seed: int = 0, synthetic_docs: int = 2000) -> list[s
         if domain not in DOMAINS:
             raise ValueError(f"--data ...={spec}: unknown domain {domain!r}; valid: "
                              f"{', '.join(DOMAINS)}")
-        import random
         rng = random.Random(f"{seed}/{domain}")
         return [DOMAINS[domain](rng) for _ in range(synthetic_docs)]
     texts = []
@@ -187,7 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from moetrain.checkpoint import load_model
+    from moetrain.checkpoint import find_checkpoint, load_model, load_run_config
     from moetrain.model import Transformer
     from moetrain.plots import specialisation_figure
     if args.tokens < 1:
@@ -196,7 +196,11 @@ def run(args: argparse.Namespace) -> dict:
     for name, spec in sources.items():  # every source readable before the model is loaded
         if not spec.startswith("synthetic:"):
             _local_files(spec, f"--data {name}")
-    model, cfg = load_model(args.source)
+    if args.untrained and not str(args.source).startswith("hf:"):
+        # only the architecture is needed: the checkpoint's weights are never read
+        cfg = load_run_config(find_checkpoint(args.source))
+    else:
+        model, cfg = load_model(args.source)
     if args.untrained:
         model = Transformer(cfg.model)
         model.init_weights(args.seed)

@@ -96,6 +96,13 @@ def test_command_writes_json_and_a_heatmap_per_layer(tmp_path, capsys):
         for shares in layer["load"].values():
             assert sum(shares) == pytest.approx(1.0)
         assert (out / f"specialisation_layer{layer['layer']}.png").stat().st_size > 1000
+    # the baseline: the same architecture at its initial weights, routing differently
+    assert main([str(tmp_path / "run"), "--data", "synthetic", "--tokens", "256", "--untrained",
+                 "--out", str(tmp_path / "untrained")]) == 0
+    untrained = json.loads((tmp_path / "untrained" / "specialisation.json").read_text())
+    assert untrained["untrained"] is True
+    assert any(untrained["layers"][i]["load"][domain] != result["layers"][i]["load"][domain]
+               for i in range(2) for domain in ("arithmetic", "records", "prose", "code"))
 
 
 @pytest.mark.parametrize("data,message", [
