@@ -157,4 +157,8 @@ def wandb_payload(record: dict) -> dict:
             figure_to_rgb(figure), caption="load / fair share: MoE layers x experts")
         for layer, row in zip(moe["layers"], load):
             payload[f"moe/load_hist/layer{layer}"] = wandb.Histogram(row)
+    val_moe = record.get("val_moe")
+    if val_moe:  # over the whole validation pass: the paper's MaxVio_global
+        for layer, value in zip(val_moe["layers"], val_moe["max_violation"]):
+            payload[f"val/max_violation/layer{layer}"] = value
     return payload

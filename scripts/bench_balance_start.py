@@ -9,13 +9,15 @@ Data: --data-path, a text file (read with data.sample_by=document), or else data
 (the running Python's standard library sources). Every run is one process
 (`python -m moetrain.train`, OMP_NUM_THREADS=1, its output in OUT/<run>/log.txt), --jobs at a
 time; variants that compose to the same model.balance run once. Each run logs the global expert
-loads every step and validates once, at the end, on --val-batches batches (the same held-out
+loads every step and validates every 50 steps and at the end on --val-batches batches (the same held-out
 blocks for every run). Trailing Hydra overrides apply to every run: `train.grad_accum=2` gives
 one process the global batch of two ranks at the default micro-batch (the issue's setting).
 
 Columns: dead experts at step 30 and the most at any step from 30 on (summed over layers); the
 worst layer's MaxVio (max_load / mean_load - 1 of the step's global batch) at steps 10/30/50 and
-at the last step; the first step at which its mean over the last 10 steps is below 0.5;
+at the last step; the first step at which its mean over the last 10 steps is below 0.5; the
+worst layer's MaxVio on the loads of a whole validation pass (--val-batches batches; the paper's
+MaxVio_global) at step 50 and at the end;
 collapse warnings (the monitor's, checked every step here); validation cross-entropy in nats
 per token and per byte (equal with the byte tokenizer).
 """
@@ -36,6 +38,7 @@ BALANCED_MAX_VIOLATION = 0.5  # "balanced": the worst layer's MaxVio below this 
 BALANCE_WINDOW = 10  # ... on average over this many consecutive steps
 DEAD_AT_STEP = 30
 MAX_VIOLATION_STEPS = (10, 30, 50)
+VAL_EVERY = 50  # validation loss and loads; the first pass gives the validation MaxVio at step 50
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def run_dir_name(variant: Variant, seed: int) -> str:
 def command(variant: Variant, seed: int, args, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "moetrain.train", f"model={variant.family}",
             *variant.overrides, *data_overrides(args), "logger=none", "logger.plots=false",
-            f"train.steps={args.steps}", "train.log_every=1", f"train.val_every={args.steps}",
+            f"train.steps={args.steps}", "train.log_every=1", f"train.val_every={VAL_EVERY}",
             f"train.val_batches={args.val_batches}", f"train.seed={seed}",
             "checkpoint.at_end=false", "checkpoint.on_preempt=false", f"run_dir={run_dir}",
             *args.overrides]
@@ -168,6 +171,9 @@ def summarise(run_dir: Path) -> dict | None:
     by_step = dict(zip(steps, worst))
     dead = {r["step"]: sum(r["moe"]["dead_experts"]) for r in moe}
     val = [r["val_loss"] for r in records if "val_loss" in r]
+    # the worst layer's MaxVio on the loads of a whole validation pass (the paper's
+    # MaxVio_global): what the bias balanced, without one training batch's composition
+    val_mv = {r["step"]: max(r["val_moe"]["max_violation"]) for r in records if "val_moe" in r}
     config = (run_dir / "config.yaml").read_text()
     byte_tokens = "tokenizer: byte" in config
     return {
@@ -176,6 +182,7 @@ def summarise(run_dir: Path) -> dict | None:
         **{f"mv_{s}": by_step.get(s) for s in MAX_VIOLATION_STEPS},
         "mv_last": worst[-1], "last_step": steps[-1],
         "steps_to_balance": steps_to_balance(steps, worst),
+        "val_mv_50": val_mv.get(VAL_EVERY), "val_mv_last": val_mv.get(steps[-1]),
         "collapse_warnings": sum(r.get("event") == "collapse" for r in records),
         "val_nats_per_token": val[-1] if val else None,
         # one token is one byte with the byte tokenizer (any other: not computed here)
@@ -192,7 +199,8 @@ def fmt(value, digits=2) -> str:
 def table(variants: list[Variant], seeds: list[int], runs: dict, steps: int) -> str:
     header = ["family", "variant", "seed", f"dead@{DEAD_AT_STEP}", "max dead >=30",
               *[f"MaxVio@{s}" for s in MAX_VIOLATION_STEPS], f"MaxVio@{steps}",
-              f"step mean{BALANCE_WINDOW}<{BALANCED_MAX_VIOLATION}", "collapse warn", "val nats/tok",
+              f"step mean{BALANCE_WINDOW}<{BALANCED_MAX_VIOLATION}", f"val MaxVio@{VAL_EVERY}",
+              f"val MaxVio@{steps}", "collapse warn", "val nats/tok",
               "val nats/byte"]
     rows = []
     for variant in variants:
@@ -205,7 +213,8 @@ def table(variants: list[Variant], seeds: list[int], runs: dict, steps: int) -> 
             rows.append([variant.family, variant.label, seed, fmt(s["dead_at_30"]),
                          fmt(s["dead_after_30"]),
                          *[fmt(s[f"mv_{step}"]) for step in MAX_VIOLATION_STEPS],
-                         fmt(s["mv_last"]), fmt(s["steps_to_balance"]),
+                         fmt(s["mv_last"]), fmt(s["steps_to_balance"]), fmt(s["val_mv_50"]),
+                         fmt(s["val_mv_last"]),
                          fmt(s["collapse_warnings"]), fmt(s["val_nats_per_token"], 4),
                          fmt(s["val_nats_per_byte"], 4)])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]

@@ -178,7 +178,8 @@ def fail(job: Job) -> None:
 def summarise_records(records: list[dict]) -> dict:
     """The summary figures of one run from its step records (metrics.jsonl). MaxVio is on the
     global batch; "end" and steps_to_balance use the worst MoE layer, the mean the layers'
-    mean. Dead experts (no token in a step) are summed over layers. Keys that do not apply
+    mean. The validation MaxVio (the paper's MaxVio_global) is the layers' mean of MaxVio of
+    the loads over the last validation pass. Dead experts (no token in a step) are summed over layers. Keys that do not apply
     (no MoE layer, no validation) are absent or None."""
     loss_key = "ce_loss" if any("ce_loss" in r for r in records) else "loss"
     train = [r for r in records if loss_key in r]
@@ -202,6 +203,9 @@ def summarise_records(records: list[dict]) -> dict:
         at = [r for r in moe if r["step"] == DEAD_AT_STEP]
         summary[DEAD_AT_KEY] = sum(at[0]["moe"]["dead_experts"]) if at else None
         summary["dead_experts_end"] = sum(moe[-1]["moe"]["dead_experts"])
+    val_moe = [r for r in val if "val_moe" in r]
+    if val_moe:  # the paper's MaxVio_global: loads over the whole validation pass
+        summary["val_max_violation_end"] = statistics.fmean(val_moe[-1]["val_moe"]["max_violation"])
     return summary
 
 
@@ -280,6 +284,7 @@ def columns(baseline: str | None) -> list[Column]:
         Column("train_loss", "train loss", 3),
         Column("max_violation_mean", "MaxVio mean", 3),
         Column("max_violation_end", "MaxVio end", 3),
+        Column("val_max_violation_end", "MaxVio global (validation) end", 3),
         Column("steps_to_balance", f"steps to MaxVio < {BALANCED_MAX_VIOLATION}", 0),
         Column(DEAD_AT_KEY, f"dead experts @{DEAD_AT_STEP}", 1),
         Column("dead_experts_end", "dead experts end", 1),
@@ -338,6 +343,8 @@ def write_markdown(out: Path, experiment: str, results: dict, seeds: list[int],
         + (f"MaxVio (global batch, max load / mean load − 1): \"mean\" over the logged steps "
            f"of the layers' mean; \"end\" and \"steps to MaxVio < {BALANCED_MAX_VIOLATION}\" "
            "(the first logged step from which it stays below, to the end) on the worst layer. "
+           "MaxVio global (validation): the paper's MaxVio_global, on the loads summed over "
+           "the whole last validation pass, layers' mean. "
            "Dead experts: experts with no token in the step, summed over layers. Train loss: "
            f"cross-entropy, mean of the last {TRAIN_LOSS_WINDOW} logged steps. tokens/s: with "
            "the other runs of the experiment sharing the machine. Per-seed values: "

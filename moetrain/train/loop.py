@@ -22,7 +22,7 @@ from moetrain.hf.convert import load_hf_weights_
 from moetrain.loggers import RunLogger
 from moetrain.loss import next_token_loss
 from moetrain.model import num_params
-from moetrain.model.balance import pop_step_loads, update_expert_bias
+from moetrain.model.balance import load_metrics, pop_step_loads, update_expert_bias
 from moetrain.model.lora import trainable_state_names
 from moetrain.monitor import CollapseDetector, expert_load_record
 from moetrain.optim import build_optimizer
@@ -169,9 +169,11 @@ class Trainer:
                                 else None)}
 
     @torch.no_grad()
-    def validate(self) -> float | None:
+    def validate(self) -> tuple[float, torch.Tensor | None] | None:
         """Mean validation cross-entropy over the same number of batches on every rank (the
-        MoE layers hold collectives, so every rank must run every forward)."""
+        MoE layers hold collectives, so every rank must run every forward), and the MoE layers'
+        tokens per expert (L, E) summed over every validation token of every rank: the loads
+        of the paper's MaxVio_global (Wang et al. 2024), free of one batch's composition."""
         if self.val_blocks is None:
             return None
         per_rank = len(self.val_blocks) // self.world
@@ -182,14 +184,24 @@ class Trainer:
         shard = self.val_blocks[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.model.eval()
         total = torch.zeros((), device=self.device)
+        loads = None
         for i in range(batches):
             ce, _ = self.loss_on(shard[i * size:(i + 1) * size].to(self.device))
             total += ce
+            if self.moe_layers:
+                batch_loads = torch.stack([m.last_stats["tokens_per_expert"].float()
+                                           for m in self.moe_layers])
+                loads = batch_loads if loads is None else loads + batch_loads
         self.model.train()
-        total = total / batches
+        # one collective for the loss and the loads
+        packed = total.reshape(1) / batches
+        if loads is not None:
+            packed = torch.cat([packed, loads.reshape(-1)])
         if self.reduce is not None:
-            total = self.reduce(total) / self.world
-        return total.item()
+            packed = self.reduce(packed)
+        packed = packed.cpu()
+        val_loss = packed[0].item() / self.world
+        return val_loss, (packed[1:].view(loads.shape) if loads is not None else None)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -260,11 +272,18 @@ class Trainer:
                                                        out["loads"])
                 self._check_collapse(out["loads"])  # every rank: a stop is collective
         if cfg.train.val_every and (step % cfg.train.val_every == 0 or last):
-            val_loss = self.validate()
-            if val_loss is not None:
+            validated = self.validate()
+            if validated is not None:
+                val_loss, val_loads = validated
                 record = record or {"step": step}
                 record["val_loss"] = val_loss
                 summary["val_loss"] = val_loss
+                if val_loads is not None:
+                    metrics = load_metrics(val_loads)
+                    record["val_moe"] = {
+                        "layers": self.moe_layer_ids, "tokens_per_expert": val_loads.tolist(),
+                        "max_violation": metrics["max_violation"].tolist(),
+                        "dead_experts": metrics["dead_experts"].tolist()}
         if self.logger is None:
             return
         if record is not None:

@@ -65,7 +65,7 @@ def test_world2_torchrun_deepseek_expert_parallel(tmp_path):
     proc = subprocess.run(
         [str(REPO / "launch/torchrun.sh"), *QUICK, "model=deepseek_tiny", "balance=aux_free",
          "model.moe.top_k=4", "parallel.ep=2", "train.activation_checkpointing=full",
-         f"run_dir={run_dir}"],
+         "train.val_batches=1", f"run_dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, env={**env(), "NPROC": "2"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "16 per rank" in proc.stdout and "ep 2 x edp 1" in proc.stdout
@@ -74,6 +74,12 @@ def test_world2_torchrun_deepseek_expert_parallel(tmp_path):
     for record in read_metrics(run_dir):
         if "moe" in record:
             assert [sum(layer) for layer in record["moe"]["tokens_per_expert"]] == [1024] * 3
+    # validation loads are summed over both ranks' batches too (one batch each here)
+    val = [r["val_moe"] for r in read_metrics(run_dir) if "val_moe" in r]
+    assert len(val) == 2
+    for record in val:
+        assert record["layers"] == [1, 2, 3]
+        assert [sum(layer) for layer in record["tokens_per_expert"]] == [1024] * 3
 
 
 def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):

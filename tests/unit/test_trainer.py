@@ -225,3 +225,45 @@ def test_time_phases_logs_milliseconds_per_step_of_each_phase(tmp_path):
     Trainer(cfg).fit()
     assert not any("phase_ms" in json.loads(line)
                    for line in open(tmp_path / "off" / "run" / "metrics.jsonl"))
+
+
+def test_validation_reports_expert_loads_over_the_whole_pass(tmp_path):
+    """The validation MaxVio (the paper's MaxVio_global) comes from every validation token:
+    the loads equal a count of each token's top-k, routed one token at a time."""
+    moe = MoEConfig(router="sigmoid", num_experts=8, top_k=2, expert_hidden=32, n_groups=2,
+                    topk_groups=1)
+    cfg = tiny_run(tmp_path, moe, BalanceConfig(aux_free=True), steps=4, val_batches=3)
+    cfg.train.val_every = 2
+    trainer = Trainer(cfg)
+    trainer.fit()
+    val_loss, loads = trainer.validate()
+    model = trainer.model.eval()
+    blocks = trainer.val_blocks[:3 * cfg.train.micro_batch_size]
+    captured = {i: [] for i, layer in enumerate(model.layers) if layer.is_moe}
+    def capture(i):
+        return lambda module, args, out: captured[i].append(args[0].detach())
+    hooks = [model.layers[i].ffn.router.register_forward_hook(capture(i)) for i in captured]
+    with torch.no_grad():
+        model(blocks[:, :-1])
+    for hook in hooks:
+        hook.remove()
+    for row, (i, inputs) in enumerate(captured.items()):
+        router = model.layers[i].ffn.router
+        expected = torch.zeros(8)
+        for x in torch.cat(inputs):  # one token at a time
+            scores = torch.sigmoid(router.weight @ x) + router.expert_bias
+            groups = scores.view(2, 4).topk(2, dim=-1).values.sum(-1)
+            kept = groups.argmax()
+            masked = torch.full_like(scores, float("-inf"))
+            masked[kept * 4:(kept + 1) * 4] = scores[kept * 4:(kept + 1) * 4]
+            expected[masked.topk(2).indices] += 1
+        assert torch.equal(loads[row], expected), (row, loads[row], expected)
+    assert loads.sum() == 2 * blocks[:, :-1].numel() * len(captured)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    val_records = [r for r in records if "val_moe" in r]
+    assert [r["step"] for r in val_records] == [2, 4]
+    last = val_records[-1]["val_moe"]
+    assert last["tokens_per_expert"] == loads.tolist()
+    expected_mv = (loads.max(-1).values / loads.mean(-1) - 1).tolist()
+    assert last["max_violation"] == pytest.approx(expected_mv)
+    assert val_loss == pytest.approx(val_records[-1]["val_loss"])
