@@ -14,6 +14,13 @@ token, before any capacity drop) per expert. Per layer it reports
                  floor that comes from the sources' different tokens alone.
   top experts    each source's most used experts, with their share against the fair 1/E
 
+and, over all sources' tokens together (token-choice routers): the most loaded experts and
+the tokens that make their load; the most frequent tokens, on how many distinct expert sets
+they are routed and which share takes the most used one; and the one-set floor, the MaxVio
+that those tokens' most used sets force by themselves. A frequent token whose occurrences all
+share one set (e.g. byte-level indentation spaces early in training) is a block of load that
+a selection bias can move between experts but not split.
+
 and writes OUT/specialisation.json and OUT/specialisation_layer{i}.png (sources x experts,
 load / fair share on the trainer's load colour scale).
 
@@ -99,18 +106,26 @@ def source_blocks(texts: list[str], tokenizer, seq_len: int, max_tokens: int) ->
 
 
 @torch.no_grad()
-def expert_counts(model, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(L, E) router assignments per expert of every MoE layer over `blocks`."""
+def route_blocks(model, blocks: torch.Tensor, batch_size: int = 8
+                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Route `blocks` through the model: (L, E) assignments per expert of every MoE layer, and
+    per layer the (N, k) experts each token chose, sorted (None for expert-choice routing,
+    where a token has no fixed k)."""
     layers = model.moe_layers()
     E = layers[0].cfg.num_experts
     counts = torch.zeros(len(layers), E, dtype=torch.long)
+    chosen: list[list[torch.Tensor]] = [[] for _ in layers]
 
-    def counter(index):
+    def recorder(index):
         def hook(module, args, route):
             counts[index] += torch.bincount(route.expert_ids.cpu(), minlength=E)
+            if route.top_k > 0:  # token-choice: token_ids is arange(N) repeated k times
+                order = route.token_ids.argsort(stable=True)
+                sets = route.expert_ids[order].view(-1, route.top_k).sort(dim=-1).values
+                chosen[index].append(sets.cpu())
         return hook
 
-    handles = [layer.router.register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
+    handles = [layer.router.register_forward_hook(recorder(i)) for i, layer in enumerate(layers)]
     try:
         model.eval()
         for start in range(0, len(blocks), batch_size):
@@ -118,7 +133,52 @@ def expert_counts(model, blocks: torch.Tensor, batch_size: int = 8) -> torch.Ten
     finally:
         for handle in handles:
             handle.remove()
-    return counts
+    return counts, [torch.cat(c) if c else None for c in chosen]
+
+
+@dataclass
+class TokenReport:
+    """What makes a layer's imbalance, over all sources' tokens together."""
+    layer: int
+    max_violation: float  # max load / mean load - 1 over these tokens
+    # the most loaded experts: (expert, load / mean, [(token, share of its assignments), ...])
+    loaded: list[tuple[int, float, list[tuple[str, float]]]]
+    # the most frequent tokens: (token, share of all tokens, expert sets it uses, share of its
+    # occurrences on its most used set)
+    frequent: list[tuple[str, float, int, float]]
+    # The load that the most frequent tokens' most used sets put on their experts by
+    # themselves, as max load / mean - 1: the MaxVio no selection bias can go below while
+    # those occurrences keep choosing one set together (the bias moves a set, it cannot split
+    # tokens whose scores are alike).
+    one_set_floor: float
+
+
+def token_report(tokens: torch.Tensor, sets: torch.Tensor, num_experts: int, layer: int,
+                 tokenizer, top: int = TOP_EXPERTS) -> TokenReport:
+    """tokens (N,) token ids; sets (N, k) each token's chosen experts, sorted."""
+    N, k = sets.shape
+    loads = torch.bincount(sets.reshape(-1), minlength=num_experts).double()
+    relative = loads / loads.mean()
+    loaded = []
+    for e in relative.topk(min(top, num_experts)).indices.tolist():
+        served = tokens[(sets == e).any(-1)]
+        values, counts = served.unique(return_counts=True)
+        best = counts.topk(min(top, len(counts))).indices.tolist()
+        loaded.append((e, round(relative[e].item(), 3),
+                       [(tokenizer.decode([values[i].item()]), round(counts[i].item() / len(served), 3))
+                        for i in best]))
+    values, counts = tokens.unique(return_counts=True)
+    frequent, floor_load = [], torch.zeros(num_experts, dtype=torch.float64)
+    for i in counts.topk(min(top, len(counts))).indices.tolist():
+        mine = sets[tokens == values[i]]
+        unique_sets, set_counts = mine.unique(dim=0, return_counts=True)
+        j = set_counts.argmax()
+        frequent.append((tokenizer.decode([values[i].item()]), round(counts[i].item() / N, 4),
+                         len(unique_sets), round(set_counts[j].item() / len(mine), 3)))
+        floor_load[unique_sets[j]] += set_counts[j].item()
+    mean = N * k / num_experts
+    return TokenReport(layer, round(relative.max().item() - 1, 3), loaded, frequent,
+                       round(max(floor_load.max().item() / mean - 1, 0.0), 3))
 
 
 def specialisation(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,24 +197,32 @@ def specialisation(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def report(model, sources: dict[str, str], seq_len: int, tokenizer, max_tokens: int,
-           layer_ids: list[int]) -> tuple[list[LayerReport], dict[str, int]]:
-    counts, tokens = [], {}
+           layer_ids: list[int]
+           ) -> tuple[list[LayerReport], dict[str, int], list[TokenReport]]:
+    counts, tokens, all_tokens = [], {}, []
+    chosen: list[list[torch.Tensor | None]] = []
     for name, spec in sources.items():
         blocks = source_blocks(source_texts(spec), tokenizer, seq_len, max_tokens)
         if len(blocks) == 0:
             raise ValueError(f"--data {name}={spec}: fewer than {seq_len} tokens")
         tokens[name] = blocks.numel()
-        counts.append(expert_counts(model, blocks))
+        source_counts, sets = route_blocks(model, blocks)
+        counts.append(source_counts)
+        chosen.append(sets)
+        all_tokens.append(blocks.reshape(-1))
     load, mutual, nmi = specialisation(torch.stack(counts))
     E = load.shape[-1]
-    layers = []
+    layers, by_token = [], []
     for i, layer in enumerate(layer_ids):
         shares = {name: load[s, i].tolist() for s, name in enumerate(sources)}
         top = {name: [(e, round(shares[name][e], 4)) for e in
                       torch.tensor(shares[name]).topk(min(TOP_EXPERTS, E)).indices.tolist()]
                for name in sources}
         layers.append(LayerReport(layer, nmi[i].item(), mutual[i].item(), shares, top))
-    return layers, tokens
+        if chosen[0][i] is not None:
+            by_token.append(token_report(torch.cat(all_tokens),
+                                         torch.cat([c[i] for c in chosen]), E, layer, tokenizer))
+    return layers, tokens, by_token
 
 
 def format_report(layers: list[LayerReport]) -> str:
@@ -167,6 +235,19 @@ def format_report(layers: list[LayerReport]) -> str:
                      f" nats); top experts {tops}")
     mean = sum(r.nmi for r in layers) / len(layers)
     lines.append(f"mean NMI over {len(layers)} MoE layers: {mean:.3f}")
+    return "\n".join(lines)
+
+
+def format_token_report(reports: list[TokenReport]) -> str:
+    lines = ["by token (all sources together):"]
+    for rep in reports:
+        loaded = "; ".join(f"{e} {rel:.2f}x (" + ", ".join(f"{t!r} {sh:.0%}" for t, sh in toks)
+                           + ")" for e, rel, toks in rep.loaded)
+        frequent = "; ".join(f"{t!r} {share:.1%} of tokens on {n} sets, {top:.0%} on one"
+                             for t, share, n, top in rep.frequent)
+        lines.append(f"layer {rep.layer}: MaxVio {rep.max_violation:.2f}, one-set floor "
+                     f"{rep.one_set_floor:.2f}; most loaded experts {loaded}; most frequent "
+                     f"tokens {frequent}")
     return "\n".join(lines)
 
 
@@ -209,13 +290,17 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.source} is a dense model: no experts to report on")
     layer_ids = [i for i, block in enumerate(model.layers) if block.is_moe]
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    layers, tokens = report(model, sources, cfg.data.seq_len, tokenizer, args.tokens, layer_ids)
+    layers, tokens, by_token = report(model, sources, cfg.data.seq_len, tokenizer, args.tokens,
+                                      layer_ids)
     result = {"checkpoint": str(args.source), "untrained": args.untrained,
               "sources": {name: {"spec": spec, "tokens": tokens[name]}
                           for name, spec in sources.items()},
               "mean_nmi": sum(r.nmi for r in layers) / len(layers),
-              "layers": [asdict(r) for r in layers]}
+              "layers": [asdict(r) for r in layers],
+              "by_token": [asdict(r) for r in by_token]}
     print(format_report(layers), flush=True)
+    if by_token:
+        print(format_token_report(by_token), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "specialisation.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -42,7 +42,7 @@ def test_a_router_that_sends_each_source_to_its_own_experts_has_nmi_one(tmp_path
         router.zero_()
         router[0, 0] = router[1, 0] = 5.0  # 'a' -> experts 0 and 1
         router[2, 1] = router[3, 1] = 5.0  # 'b' -> experts 2 and 3
-    layers, tokens = report(model, write_sources(tmp_path), 16, ByteTokenizer(), 512, [0])
+    layers, tokens, _ = report(model, write_sources(tmp_path), 16, ByteTokenizer(), 512, [0])
     assert tokens == {"as": 512, "bs": 512}
     rep = layers[0]
     assert rep.nmi == pytest.approx(1.0, abs=1e-12)
@@ -55,9 +55,37 @@ def test_a_router_that_ignores_its_input_has_nmi_zero(tmp_path):
     model = one_layer_moe()
     with torch.no_grad():
         model.layers[0].ffn.router.weight.zero_()  # equal logits: the same experts for all
-    layers, _ = report(model, write_sources(tmp_path), 16, ByteTokenizer(), 512, [0])
+    layers, _, _ = report(model, write_sources(tmp_path), 16, ByteTokenizer(), 512, [0])
     assert layers[0].nmi == 0.0
     assert layers[0].load["as"] == layers[0].load["bs"]
+
+
+def test_by_token_names_the_tokens_that_load_the_experts_and_the_floor_they_force(tmp_path):
+    """'a' is 3/4 of the tokens and always goes to experts {0, 1}: those two carry 1.5x the
+    mean load, all of it 'a', and no bias could bring MaxVio below 0.5 while 'a' stays on
+    one set."""
+    model = one_layer_moe()
+    with torch.no_grad():
+        model.layers[0].attn.wo.weight.zero_()
+        emb = model.tok_embeddings.weight
+        emb[ord("a")] = 0
+        emb[ord("a"), 0] = 10.0
+        emb[ord("b")] = 0
+        emb[ord("b"), 1] = 10.0
+        router = model.layers[0].ffn.router.weight
+        router.zero_()
+        router[0, 0] = router[1, 0] = 5.0
+        router[2, 1] = router[3, 1] = 5.0
+    (tmp_path / "a.txt").write_text("a" * 2000)
+    (tmp_path / "ba.txt").write_text("ba" * 1000)
+    sources = {"as": str(tmp_path / "a.txt"), "mixed": str(tmp_path / "ba.txt")}
+    _, _, by_token = report(model, sources, 16, ByteTokenizer(), 512, [0])
+    rep = by_token[0]
+    assert rep.max_violation == pytest.approx(0.5)
+    assert rep.one_set_floor == pytest.approx(0.5)
+    assert sorted(e for e, _, _ in rep.loaded[:2]) == [0, 1]
+    assert rep.loaded[0][1:] == (1.5, [("a", 1.0)])
+    assert rep.frequent[:2] == [("a", 0.75, 1, 1.0), ("b", 0.25, 1, 1.0)]
 
 
 def test_loads_sum_to_one_and_nmi_follows_its_formula():
