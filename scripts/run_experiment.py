@@ -391,6 +391,8 @@ def comparison_figure(experiment: str, runs: dict[str, dict[int, Path]],
     worst = {v: seed_curves(r, lambda rec: max(rec["moe"]["max_violation_global"])
                             if "moe" in rec else None) for v, r in runs.items()}
     worst = {v: c for v, c in worst.items() if c[0].size}
+    val_worst = {v: seed_curves(r, lambda rec: max(rec["val_moe"]["max_violation"])
+                                if "val_moe" in rec else None) for v, r in runs.items()}
     panels = 1 + (baseline is not None) + bool(worst)
     fig = _new_figure(4.6 * panels + 1.6, 4.2)
     axes = list(fig.subplots(1, panels))
@@ -413,13 +415,18 @@ def comparison_figure(experiment: str, runs: dict[str, dict[int, Path]],
         ax = axes.pop(0)
         for variant, (steps, values) in worst.items():
             _band(ax, steps, values, colors[variant], variant, floor=1e-3)
+            val_steps, val_values = val_worst[variant]
+            if val_steps.size:  # the paper's MaxVio_global: a whole validation pass's loads
+                ax.plot(val_steps, val_values.mean(0), "o", color=colors[variant], ms=4,
+                        mec="black", mew=0.5)
         ax.axhline(BALANCED_MAX_VIOLATION, color="grey", ls=":", lw=1)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5), numticks=12))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel="step", ylabel="MaxVio, worst MoE layer (global batch)",
-               title=f"load balance (dotted: {BALANCED_MAX_VIOLATION})")
+               title=f"load balance (dotted: {BALANCED_MAX_VIOLATION}; "
+                     "dots: validation set)")
     for ax in fig.axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="major")
