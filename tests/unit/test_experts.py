@@ -1,6 +1,27 @@
+import pytest
 import torch
 
-from moetrain.model.experts import GroupedExperts
+from moetrain.model import experts as experts_module
+from moetrain.model.experts import GroupedExperts, walk_blocks
+
+
+@pytest.fixture(params=[None, 1, 6], ids=["one-block", "expert-per-block", "6-row-blocks"])
+def block_rows(request, monkeypatch):
+    """The CPU walk's block size: the default (every expert of these small tests in one
+    block), one row (every expert alone) and six rows (several small experts share a block,
+    a larger one is alone). Call it with the walk's width, max(D, hidden)."""
+    def set_rows(width: int) -> None:
+        if request.param is not None:
+            monkeypatch.setattr(experts_module, "WALK_BLOCK_ELEMENTS", request.param * width)
+    return set_rows
+
+
+def test_walk_blocks_group_consecutive_experts_up_to_the_budget():
+    blocks = walk_blocks([3, 0, 5, 1, 0, 2], width=2, budget=8)  # up to 4 rows a block
+    assert blocks == [(slice(0, 3), [(0, slice(0, 3))]),
+                      (slice(3, 8), [(2, slice(0, 5))]),  # more than 4 rows: alone
+                      (slice(8, 11), [(3, slice(0, 1)), (5, slice(1, 3))])]
+    assert walk_blocks([0, 0], width=2) == []
 
 
 def per_expert_reference(experts, x, counts, gates):
@@ -13,7 +34,8 @@ def per_expert_reference(experts, x, counts, gates):
     return torch.cat(rows)
 
 
-def test_grouped_experts_match_per_expert_swiglu_including_empty_experts():
+def test_grouped_experts_match_per_expert_swiglu_including_empty_experts(block_rows):
+    block_rows(12)
     torch.manual_seed(0)
     experts = GroupedExperts(5, 8, 12).double()
     experts.init_weights(0.3)
@@ -31,9 +53,10 @@ def test_grouped_experts_match_per_expert_swiglu_including_empty_experts():
         assert w.grad[0].abs().sum() > 0
 
 
-def test_gathered_walk_equals_gather_experts_scatter_with_gradients():
+def test_gathered_walk_equals_gather_experts_scatter_with_gradients(block_rows):
     """With row_ids the experts read token rows and adds outputs back itself: the same function as
     index_select -> forward -> index_add, gradients included (tokens with 0, 1 or 3 rows)."""
+    block_rows(10)
     torch.manual_seed(0)
     experts = GroupedExperts(4, 6, 10).double()
     experts.init_weights(0.3)

@@ -11,11 +11,20 @@ import torch.nn.functional as F
 
 from moetrain.config import LoRAConfig
 from moetrain.model import Transformer
+from moetrain.model import experts as experts_module
 from moetrain.model.experts import GroupedExperts, _grouped_mm_experts
 from moetrain.model.lora import LoRALinear, apply_lora, merge_lora_, trainable_state_names
 from moetrain.presets import tiny_deepseek, tiny_mixtral
 
 ALL_TARGETS = ["experts", "shared_experts", "dense_ffn", "attention"]
+
+
+@pytest.fixture(params=[None, 1, 6], ids=["one-block", "expert-per-block", "6-row-blocks"])
+def block_rows(request, monkeypatch):
+    """The CPU walk's block size (see tests/unit/test_experts.py): the default, one row and
+    six rows, as a multiple of lora_experts' width max(D, H) = 12."""
+    if request.param is not None:
+        monkeypatch.setattr(experts_module, "WALK_BLOCK_ELEMENTS", request.param * 12)
 
 
 def lora_experts(E=5, D=8, H=12, rank=3, scaling=2.0, dropout=0.0, dtype=torch.float64):
@@ -50,7 +59,7 @@ def per_expert_lora_reference(experts, x, counts, gates, masks=None):
     return torch.cat(rows)
 
 
-def test_stacked_adapters_in_the_fused_pass_match_a_per_expert_loop_with_gradients():
+def test_stacked_adapters_in_the_fused_pass_match_a_per_expert_loop_with_gradients(block_rows):
     experts = lora_experts()
     counts = [3, 0, 5, 1, 0]
     x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
@@ -63,7 +72,7 @@ def test_stacked_adapters_in_the_fused_pass_match_a_per_expert_loop_with_gradien
         lambda a, g, *w: experts(a, torch.tensor(counts), g), (x, gates, *params))
 
 
-def test_frozen_base_weights_get_no_gradient_and_adapters_the_reference_one():
+def test_frozen_base_weights_get_no_gradient_and_adapters_the_reference_one(block_rows):
     experts = lora_experts()
     for w in (experts.w_gate, experts.w_up, experts.w_down):
         w.requires_grad_(False)
@@ -81,7 +90,7 @@ def test_frozen_base_weights_get_no_gradient_and_adapters_the_reference_one():
         assert adapter.grad.abs().sum() > 0
 
 
-def test_adapter_dropout_drops_adapter_inputs_only_while_training():
+def test_adapter_dropout_drops_adapter_inputs_only_while_training(block_rows):
     experts = lora_experts(dropout=0.5)
     counts = [3, 2, 0, 4, 1]
     x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
@@ -327,7 +336,7 @@ def test_a_lora_checkpoint_cannot_be_a_lora_base(tmp_path, base_checkpoint):
         Trainer(lora_cfg(tmp_path, adapters, "second", steps=2))
 
 
-def test_gathered_walk_with_adapters_and_dropout_matches_its_gradients():
+def test_gathered_walk_with_adapters_and_dropout_matches_its_gradients(block_rows):
     experts = lora_experts(dropout=0.3)
     counts = [2, 3, 0, 1, 2]
     row_ids = torch.tensor([1, 4, 0, 1, 3, 2, 4, 0])
