@@ -64,12 +64,17 @@ def tiny_expert_choice(*, moe: dict | None = None, balance: dict | None = None,
 
 
 def bench_moe_layers() -> dict[str, MoEConfig]:
-    """The MoE layers the layer benchmarks time: Mixtral-shaped (8 wide experts, top-2) and
-    DeepSeek-shaped (64 fine-grained experts, top-8, without and with one shared expert)."""
+    """The MoE layers the layer benchmarks time: Mixtral-shaped (8 wide experts, top-2),
+    DeepSeek-shaped (64 fine-grained experts, top-8, without and with one shared expert) and
+    deepseek_tiny's layer (32 experts of 64, top-6, 2 shared; at --dim 128 --tokens 2048 it
+    is one MoE layer of a deepseek_tiny training step)."""
     return {"E8k2": MoEConfig(num_experts=8, top_k=2, expert_hidden=1024),
             "E64k8": MoEConfig(num_experts=64, top_k=8, expert_hidden=256),
             "E64k8s1": MoEConfig(num_experts=64, top_k=8, expert_hidden=256,
-                                 n_shared_experts=1)}
+                                 n_shared_experts=1),
+            "E32k6s2": MoEConfig(num_experts=32, top_k=6, expert_hidden=64, n_groups=4,
+                                 topk_groups=2, router="sigmoid", n_shared_experts=2,
+                                 shared_hidden=64)}
 
 
 def shipped_model(name: str) -> ModelConfig:
