@@ -164,9 +164,9 @@ def token_report(tokens: torch.Tensor, sets: torch.Tensor, num_experts: int, lay
         served = tokens[(sets == e).any(-1)]
         values, counts = served.unique(return_counts=True)
         best = counts.topk(min(top, len(counts))).indices.tolist()
-        loaded.append((e, round(relative[e].item(), 3),
-                       [(tokenizer.decode([values[i].item()]), round(counts[i].item() / len(served), 3))
-                        for i in best]))
+        shares = [(tokenizer.decode([values[i].item()]), round(counts[i].item() / len(served), 3))
+                  for i in best]
+        loaded.append((e, round(relative[e].item(), 3), shares))
     values, counts = tokens.unique(return_counts=True)
     frequent, floor_load = [], torch.zeros(num_experts, dtype=torch.float64)
     for i in counts.topk(min(top, len(counts))).indices.tolist():

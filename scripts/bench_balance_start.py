@@ -9,17 +9,17 @@ Data: --data-path, a text file (read with data.sample_by=document), or else data
 (the running Python's standard library sources). Every run is one process
 (`python -m moetrain.train`, OMP_NUM_THREADS=1, its output in OUT/<run>/log.txt), --jobs at a
 time; variants that compose to the same model.balance run once. Each run logs the global expert
-loads every step and validates every 50 steps and at the end on --val-batches batches (the same held-out
-blocks for every run). Trailing Hydra overrides apply to every run: `train.grad_accum=2` gives
-one process the global batch of two ranks at the default micro-batch (the issue's setting).
+loads every step and validates every 50 steps and at the end on --val-batches batches (the
+same held-out blocks for every run). Trailing Hydra overrides apply to every run:
+`train.grad_accum=2` gives one process the global batch of two ranks at the default
+micro-batch (the issue's setting).
 
 Columns: dead experts at step 30 and the most at any step from 30 on (summed over layers); the
 worst layer's MaxVio (max_load / mean_load - 1 of the step's global batch) at steps 10/30/50 and
 at the last step; the first step at which its mean over the last 10 steps is below 0.5; the
 worst layer's MaxVio on the loads of a whole validation pass (--val-batches batches; the paper's
-MaxVio_global) at step 50 and at the end;
-collapse warnings (the monitor's, checked every step here); validation cross-entropy in nats
-per token and per byte (equal with the byte tokenizer).
+MaxVio_global) at step 50 and at the end; collapse warnings (the monitor's, checked every step
+here); validation cross-entropy in nats per token and per byte (equal with the byte tokenizer).
 """
 
 from __future__ import annotations

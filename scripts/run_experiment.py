@@ -179,8 +179,8 @@ def summarise_records(records: list[dict]) -> dict:
     """The summary figures of one run from its step records (metrics.jsonl). MaxVio is on the
     global batch; "end" and steps_to_balance use the worst MoE layer, the mean the layers'
     mean. The validation MaxVio (the paper's MaxVio_global) is the layers' mean of MaxVio of
-    the loads over the last validation pass. Dead experts (no token in a step) are summed over layers. Keys that do not apply
-    (no MoE layer, no validation) are absent or None."""
+    the loads over the last validation pass. Dead experts (no token in a step) are summed over
+    layers. Keys that do not apply (no MoE layer, no validation) are absent or None."""
     loss_key = "ce_loss" if any("ce_loss" in r for r in records) else "loss"
     train = [r for r in records if loss_key in r]
     val = [r for r in records if "val_loss" in r]
@@ -205,7 +205,8 @@ def summarise_records(records: list[dict]) -> dict:
         summary["dead_experts_end"] = sum(moe[-1]["moe"]["dead_experts"])
     val_moe = [r for r in val if "val_moe" in r]
     if val_moe:  # the paper's MaxVio_global: loads over the whole validation pass
-        summary["val_max_violation_end"] = statistics.fmean(val_moe[-1]["val_moe"]["max_violation"])
+        summary["val_max_violation_end"] = statistics.fmean(
+            val_moe[-1]["val_moe"]["max_violation"])
     return summary
 
 

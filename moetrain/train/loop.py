@@ -199,8 +199,9 @@ class Trainer:
             packed = torch.cat([packed, loads.reshape(-1)])
         if self.reduce is not None:
             packed = self.reduce(packed)
+            packed[0] /= self.world
         packed = packed.cpu()
-        val_loss = packed[0].item() / self.world
+        val_loss = packed[0].item()
         return val_loss, (packed[1:].view(loads.shape) if loads is not None else None)
 
     # ------------------------------------------------------------------ the loop
