@@ -23,13 +23,8 @@ def one_layer_moe() -> Transformer:
     return model.eval()
 
 
-def write_sources(tmp_path) -> dict[str, str]:
-    (tmp_path / "a.txt").write_text("a" * 2000)
-    (tmp_path / "b.txt").write_text("b" * 2000)
-    return {"as": str(tmp_path / "a.txt"), "bs": str(tmp_path / "b.txt")}
-
-
-def test_a_router_that_sends_each_source_to_its_own_experts_has_nmi_one(tmp_path):
+def a_and_b_on_their_own_experts() -> Transformer:
+    """A crafted router: every 'a' goes to experts 0 and 1, every 'b' to experts 2 and 3."""
     model = one_layer_moe()
     with torch.no_grad():
         model.layers[0].attn.wo.weight.zero_()  # the router sees the token's own embedding
@@ -42,6 +37,17 @@ def test_a_router_that_sends_each_source_to_its_own_experts_has_nmi_one(tmp_path
         router.zero_()
         router[0, 0] = router[1, 0] = 5.0  # 'a' -> experts 0 and 1
         router[2, 1] = router[3, 1] = 5.0  # 'b' -> experts 2 and 3
+    return model
+
+
+def write_sources(tmp_path) -> dict[str, str]:
+    (tmp_path / "a.txt").write_text("a" * 2000)
+    (tmp_path / "b.txt").write_text("b" * 2000)
+    return {"as": str(tmp_path / "a.txt"), "bs": str(tmp_path / "b.txt")}
+
+
+def test_a_router_that_sends_each_source_to_its_own_experts_has_nmi_one(tmp_path):
+    model = a_and_b_on_their_own_experts()
     layers, tokens, _ = report(model, write_sources(tmp_path), 16, ByteTokenizer(), 512, [0])
     assert tokens == {"as": 512, "bs": 512}
     rep = layers[0]
@@ -64,18 +70,7 @@ def test_by_token_names_the_tokens_that_load_the_experts_and_the_floor_they_forc
     """'a' is 3/4 of the tokens and always goes to experts {0, 1}: those two carry 1.5x the
     mean load, all of it 'a', and no bias could bring MaxVio below 0.5 while 'a' stays on
     one set."""
-    model = one_layer_moe()
-    with torch.no_grad():
-        model.layers[0].attn.wo.weight.zero_()
-        emb = model.tok_embeddings.weight
-        emb[ord("a")] = 0
-        emb[ord("a"), 0] = 10.0
-        emb[ord("b")] = 0
-        emb[ord("b"), 1] = 10.0
-        router = model.layers[0].ffn.router.weight
-        router.zero_()
-        router[0, 0] = router[1, 0] = 5.0
-        router[2, 1] = router[3, 1] = 5.0
+    model = a_and_b_on_their_own_experts()
     (tmp_path / "a.txt").write_text("a" * 2000)
     (tmp_path / "ba.txt").write_text("ba" * 1000)
     sources = {"as": str(tmp_path / "a.txt"), "mixed": str(tmp_path / "ba.txt")}
