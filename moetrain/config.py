@@ -294,7 +294,9 @@ class DataConfig:
     # separated) or per file; each document ends with an end-of-document token
     sample_by: str = "line"
     streaming: bool = False  # stream and pack on the fly (large corpora)
-    tokenizer: str = "byte"  # byte | path to a tokenizers JSON file
+    # byte | a built-in name (moetrain/data/tokenizers/: stdlib-bpe-2048) | a tokenizers JSON
+    # file or a directory holding tokenizer.json (scripts/train_tokenizer.py makes them)
+    tokenizer: str = "byte"
     seq_len: int = 128
     synthetic_docs: int = 20000
     synthetic_val_docs: int = 500

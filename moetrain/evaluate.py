@@ -60,7 +60,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moetrain.config import DataConfig, RunConfig
-from moetrain.data.tokenizer import ByteTokenizer, build_tokenizer
+from moetrain.data.tokenizer import build_tokenizer, token_byte_lengths
 from moetrain.model.balance import load_metrics
 
 
@@ -179,40 +179,6 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, *,
         max_violation=metrics["max_violation"].tolist() if metrics else [],
         load_entropy=metrics["entropy"].tolist() if metrics else [],
         dead_experts=metrics["dead_experts"].tolist() if metrics else [])
-
-
-def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """(vocab,) int64: the UTF-8 bytes each token id stands for (rules: module docstring)."""
-    if isinstance(tokenizer, ByteTokenizer):
-        lengths = torch.ones(tokenizer.vocab_size, dtype=torch.long)
-        lengths[tokenizer.eos_id] = 0
-        return lengths
-    from tokenizers.pre_tokenizers import ByteLevel
-    backend = tokenizer.backend
-    spec = json.loads(backend.to_str())
-    byte_level = _has_byte_level(spec.get("pre_tokenizer")) or _has_byte_level(
-        spec.get("decoder"))
-    alphabet = set(ByteLevel.alphabet())
-    special = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
-    lengths = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
-    for token, token_id in backend.get_vocab(with_added_tokens=True).items():
-        if token_id in special or token_id == tokenizer.eos_id:
-            continue
-        if byte_level and all(ch in alphabet for ch in token):
-            lengths[token_id] = len(token)  # one byte per byte-alphabet character
-        else:
-            lengths[token_id] = len(backend.decode([token_id],
-                                                   skip_special_tokens=False).encode("utf-8"))
-    return lengths
-
-
-def _has_byte_level(node) -> bool:
-    """Whether a tokenizer.json component (possibly a Sequence) contains a ByteLevel step."""
-    if isinstance(node, dict):
-        return node.get("type") == "ByteLevel" or any(_has_byte_level(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_byte_level(v) for v in node)
-    return False
 
 
 # ---------------------------------------------------------------------------- data

@@ -19,13 +19,14 @@ worst layer's MaxVio (max_load / mean_load - 1 of the step's global batch) at st
 at the last step; the first step at which its mean over the last 10 steps is below 0.5; the
 worst layer's MaxVio on the loads of a whole validation pass (--val-batches batches; the paper's
 MaxVio_global) at step 50 and at the end; collapse warnings (the monitor's, checked every step
-here); validation cross-entropy in nats per token and per byte (equal with the byte tokenizer).
+here); validation cross-entropy in nats per token and per byte of the text.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -170,12 +171,10 @@ def summarise(run_dir: Path) -> dict | None:
     worst = [max(r["moe"]["max_violation_global"]) for r in moe]
     by_step = dict(zip(steps, worst))
     dead = {r["step"]: sum(r["moe"]["dead_experts"]) for r in moe}
-    val = [r["val_loss"] for r in records if "val_loss" in r]
+    val = [r for r in records if "val_loss" in r]
     # the worst layer's MaxVio on the loads of a whole validation pass (the paper's
     # MaxVio_global): what the bias balanced, without one training batch's composition
     val_mv = {r["step"]: max(r["val_moe"]["max_violation"]) for r in records if "val_moe" in r}
-    config = (run_dir / "config.yaml").read_text()
-    byte_tokens = "tokenizer: byte" in config
     return {
         "dead_at_30": dead.get(DEAD_AT_STEP),
         "dead_after_30": max((d for s, d in dead.items() if s >= DEAD_AT_STEP), default=None),
@@ -184,9 +183,10 @@ def summarise(run_dir: Path) -> dict | None:
         "steps_to_balance": steps_to_balance(steps, worst),
         "val_mv_50": val_mv.get(VAL_EVERY), "val_mv_last": val_mv.get(steps[-1]),
         "collapse_warnings": sum(r.get("event") == "collapse" for r in records),
-        "val_nats_per_token": val[-1] if val else None,
-        # one token is one byte with the byte tokenizer (any other: not computed here)
-        "val_nats_per_byte": val[-1] if val and byte_tokens else None,
+        "val_nats_per_token": val[-1]["val_loss"] if val else None,
+        # the trainer's bits per byte of the validated text: comparable across tokenizers
+        "val_nats_per_byte": (val[-1]["val_bits_per_byte"] * math.log(2)
+                              if val and "val_bits_per_byte" in val[-1] else None),
     }
 
 

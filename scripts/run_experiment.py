@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -189,6 +190,9 @@ def summarise_records(records: list[dict]) -> dict:
         "steps": train[-1]["step"],
         "tokens": train[-1]["tokens_seen"],
         "val_loss": val[-1]["val_loss"] if val else None,
+        # per byte of the validated text: comparable across tokenizers
+        "val_nats_per_byte": (val[-1]["val_bits_per_byte"] * math.log(2)
+                              if val and "val_bits_per_byte" in val[-1] else None),
         # the cross-entropy alone (no auxiliary loss), so runs with and without one compare
         "train_loss": statistics.fmean(r[loss_key] for r in train[-TRAIN_LOSS_WINDOW:]),
         "tokens_per_s": statistics.fmean(speed[1:] or speed),  # the first window has warm-up
@@ -281,6 +285,7 @@ class Column:
 def columns(baseline: str | None) -> list[Column]:
     return [
         Column("val_loss", "val loss", 3),
+        Column("val_nats_per_byte", "val nats/byte", 4),
         Column("val_loss_gap", f"val loss − {baseline}", 3, signed=True),
         Column("train_loss", "train loss", 3),
         Column("max_violation_mean", "MaxVio mean", 3),
@@ -334,8 +339,8 @@ def write_markdown(out: Path, experiment: str, results: dict, seeds: list[int],
         f"# {experiment}", "", spec.question, "",
         f"{len(seeds)} seed{'s' * (len(seeds) > 1)} ({', '.join(map(str, seeds))}), "
         "mean ± sample std over seeds; "
-        f"{runs}; data={setup['data']} (validation loss in nats/token"
-        f"{' = nats/byte' if setup['tokenizer'] == 'byte' else ''}, last validation)."
+        f"{runs}; data={setup['data']}, tokenizer {setup['tokenizer']} (validation loss in "
+        "nats/token, and in nats per byte of the text, at the last validation)."
         + (f" Overrides: `{' '.join(overrides)}`." if overrides else "")
         + ("" if wall_s is None else f" Wall time: {wall_s / 60:.1f} min."), "",
         results_table(results, spec.baseline, len(seeds)), "",

@@ -7,6 +7,7 @@ resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import array
 import codecs
 import glob
 import os
@@ -96,9 +97,12 @@ def load_texts(cfg: DataConfig, split: str):
 
 def pack(token_lists, eos_id: int, block: int) -> torch.Tensor:
     """Concatenate documents (each followed by eos) and cut into (n_blocks, block) rows."""
-    flat = [t for ids in token_lists for t in (*ids, eos_id)]
+    flat = array.array("q")
+    for ids in token_lists:
+        flat.extend(ids)
+        flat.append(eos_id)
     n = len(flat) // block
-    return torch.tensor(flat[:n * block], dtype=torch.long).view(n, block)
+    return torch.frombuffer(flat, dtype=torch.int64)[:n * block].clone().view(n, block)
 
 
 def tokenize_and_pack(ds, cfg: DataConfig, tokenizer) -> torch.Tensor:
@@ -111,9 +115,12 @@ def tokenize_and_pack(ds, cfg: DataConfig, tokenizer) -> torch.Tensor:
         ids = torch.frombuffer(bytearray(flat), dtype=torch.uint8).long()
         n = len(ids) // (cfg.seq_len + 1)
         return ids[:n * (cfg.seq_len + 1)].view(n, cfg.seq_len + 1)
-    tokenized = ds.map(lambda batch: {"ids": [tokenizer.encode(t or "") for t in batch[column]]},
-                       batched=True, remove_columns=ds.column_names)
-    return pack(tokenized["ids"], tokenizer.eos_id, cfg.seq_len + 1)
+
+    def token_lists(chunk=1024):  # tokenizers' threads encode a chunk of documents at once
+        for start in range(0, len(ds), chunk):
+            yield from tokenizer.encode_batch([t or "" for t in ds[start:start + chunk][column]])
+
+    return pack(token_lists(), tokenizer.eos_id, cfg.seq_len + 1)
 
 
 class ShardedBlocks:

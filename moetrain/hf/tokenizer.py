@@ -15,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from moetrain.data.tokenizer import ByteTokenizer, FileTokenizer, build_tokenizer
+from moetrain.data.tokenizer import (ByteTokenizer, FileTokenizer, build_tokenizer,
+                                     tokenizer_file)
 
 # tokenizer_config.json marker: a directory holding it was written from the bytes tokenizer.
 BYTE_MARKER = "moetrain_byte_tokenizer"
@@ -70,7 +71,7 @@ def write_tokenizer(name: str, out_dir: Path, model_max_length: int) -> int:
         config.update(eos_token=byte_symbols()[tokenizer.eos_id], split_special_tokens=True)
         config[BYTE_MARKER] = True
     else:
-        source = Path(name) / "tokenizer.json" if Path(name).is_dir() else Path(name)
+        source = tokenizer_file(name)
         shutil.copyfile(source, out_dir / "tokenizer.json")
         beside = source.parent / "tokenizer_config.json"
         if beside.is_file():

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 
 from moetrain.checkpoint import (Checkpointer, check_lora_base, checked_path, checkpoint_dir,
-                                 load_lora_base, resolve_resume)
+                                 load_lora_base, load_run_config, resolve_resume)
 from moetrain.config import RunConfig
 from moetrain.data.loader import build_data
+from moetrain.data.tokenizer import build_tokenizer, token_byte_lengths
 from moetrain.hf.convert import load_hf_weights_
 from moetrain.loggers import RunLogger
 from moetrain.loss import next_token_loss
@@ -28,7 +29,8 @@ from moetrain.monitor import CollapseDetector, expert_load_record
 from moetrain.optim import build_optimizer
 from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, finalize_grads
 from moetrain.train.preemption import STOP, Preempted
-from moetrain.train.setup import (apply_init_from_hf, build_model, choose_run_dir, describe,
+from moetrain.train.setup import (apply_init_from_hf, build_model, check_same_tokenizer,
+                                  choose_run_dir, describe,
                                   join_ranks, world_size_from_env)
 from moetrain.train.throughput import PhaseTimer, Throughput, flops_per_token, peak_flops
 
@@ -43,12 +45,15 @@ class Trainer:
         hf_dir = apply_init_from_hf(cfg)
         cfg.validate(world)
         self.cfg = cfg
-        self.data, self.val_blocks = build_data(
-            cfg.data, cfg.train.micro_batch_size, int(os.environ.get("RANK", "0")), world,
-            cfg.model.vocab_size, cfg.train.grad_accum)
         # An explicit checkpoint path is checked on every rank, before any collective.
         init_from = (checked_path(cfg.init_from, "init_from")
                      if cfg.init_from and hf_dir is None else None)
+        if init_from is not None:
+            check_same_tokenizer(cfg, load_run_config(init_from))
+        self.data, self.val_blocks = build_data(
+            cfg.data, cfg.train.micro_batch_size, int(os.environ.get("RANK", "0")), world,
+            cfg.model.vocab_size, cfg.train.grad_accum)
+        self._val_bytes_per_token = None
         if cfg.resume not in (None, "auto"):
             checked_path(cfg.resume)
         lora = cfg.finetune.lora.enabled
@@ -169,6 +174,23 @@ class Trainer:
                                 else None)}
 
     @torch.no_grad()
+    def _validation_plan(self) -> tuple[int, int, int]:
+        """(blocks per rank, batch size, batches) of a validation pass."""
+        per_rank = len(self.val_blocks) // self.world
+        size = min(self.cfg.train.micro_batch_size, per_rank)
+        return per_rank, size, min(self.cfg.train.val_batches, per_rank // max(size, 1))
+
+    def val_bytes_per_token(self) -> float:
+        """UTF-8 bytes per predicted token over every rank's validation pass (the same blocks
+        each time): validation nats/byte = nats/token / this, comparable across tokenizers."""
+        if self._val_bytes_per_token is None:
+            per_rank, size, batches = self._validation_plan()
+            lengths = token_byte_lengths(build_tokenizer(self.cfg.data.tokenizer))
+            targets = torch.cat([self.val_blocks[r * per_rank:r * per_rank + batches * size, 1:]
+                                 for r in range(self.world)])
+            self._val_bytes_per_token = lengths[targets].sum().item() / targets.numel()
+        return self._val_bytes_per_token
+
     def validate(self) -> tuple[float, torch.Tensor | None] | None:
         """Mean validation cross-entropy over the same number of batches on every rank (the
         MoE layers hold collectives, so every rank must run every forward), and the MoE layers'
@@ -176,11 +198,9 @@ class Trainer:
         of the paper's MaxVio_global (Wang et al. 2024), free of one batch's composition."""
         if self.val_blocks is None:
             return None
-        per_rank = len(self.val_blocks) // self.world
+        per_rank, size, batches = self._validation_plan()
         if per_rank == 0:
             return None
-        size = min(self.cfg.train.micro_batch_size, per_rank)
-        batches = min(self.cfg.train.val_batches, per_rank // size)
         shard = self.val_blocks[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.model.eval()
         total = torch.zeros((), device=self.device)
@@ -278,6 +298,8 @@ class Trainer:
                 val_loss, val_loads = validated
                 record = record or {"step": step}
                 record["val_loss"] = val_loss
+                # bits per byte, as moetrain.evaluate reports: comparable across tokenizers
+                record["val_bits_per_byte"] = val_loss / (math.log(2) * self.val_bytes_per_token())
                 summary["val_loss"] = val_loss
                 if val_loads is not None:
                     metrics = load_metrics(val_loads)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config import RunConfig
+from moetrain.data.tokenizer import same_tokenizer_file
 from moetrain.hf.convert import import_model_config
 from moetrain.hf.tokenizer import tokenizer_setting
 from moetrain.model import Transformer, num_params
@@ -36,6 +37,19 @@ def apply_init_from_hf(cfg: RunConfig) -> str | None:
         print(f"init_from=hf:{hf_dir}: using its tokenizer (data.tokenizer="
               f"{cfg.data.tokenizer})", flush=True)
     return hf_dir
+
+
+def check_same_tokenizer(cfg: RunConfig, base: RunConfig) -> None:
+    """A run starting from a moetrain checkpoint reads text with that checkpoint's tokenizer
+    (its embeddings are per token id); one line saying how, before any data is read."""
+    ours, theirs = cfg.data.tokenizer, base.data.tokenizer
+    if ours == theirs or same_tokenizer_file(ours, theirs):
+        return
+    raise ValueError(
+        f"init_from={cfg.init_from!r} was trained with data.tokenizer={theirs!r} "
+        f"(model.vocab_size={base.model.vocab_size}), this run has data.tokenizer={ours!r} "
+        f"(model.vocab_size={cfg.model.vocab_size}); keep the base's: add "
+        f"data.tokenizer={theirs} model.vocab_size={base.model.vocab_size}")
 
 
 def describe(cfg: RunConfig, model: Transformer, world: int) -> str:

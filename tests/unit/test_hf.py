@@ -333,6 +333,18 @@ def test_a_tokenizers_file_used_for_training_is_copied_as_is(tmp_path):
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == vocab["</s>"]
 
 
+
+def test_the_built_in_bpe_exports_to_an_equal_transformers_tokenizer(tmp_path):
+    from moetrain.hf.tokenizer import write_tokenizer
+    eos = write_tokenizer("stdlib-bpe-2048", tmp_path, model_max_length=128)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = FileTokenizer("stdlib-bpe-2048")
+    assert eos == hf_tok.eos_token_id == ours.eos_id == 0
+    for text in random_strings(300) + ["def f(x):\n    return x  # <|endoftext|> is text"]:
+        ids = ours.encode(text)
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
+        assert hf_tok.decode(ids) == ours.decode(ids) == text
+
 # --------------------------------------------------------------------------- init_from
 def test_init_from_hf_trains_from_the_transformers_weights(tmp_path):
     directory = hf_glm4_moe(tmp_path, vocab_size=256)  # the bytes tokenizer's 256 ids

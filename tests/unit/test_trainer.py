@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from moetrain.data.tokenizer import build_tokenizer
 from moetrain.config import (BalanceConfig, DataConfig, LoggerConfig, LoopConfig, ModelConfig,
                              MonitorConfig, MoEConfig, OptimConfig, RunConfig, WandbConfig)
 from moetrain.monitor import CollapseDetector
@@ -227,6 +228,27 @@ def test_time_phases_logs_milliseconds_per_step_of_each_phase(tmp_path):
                    for line in open(tmp_path / "off" / "run" / "metrics.jsonl"))
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "stdlib-bpe-2048"])
+def test_validation_reports_bits_per_byte_of_the_text_it_predicts(tmp_path, tokenizer):
+    """Validation loss per byte of the predicted tokens' text, the same whatever the
+    tokenizer cuts it into: the bytes are counted here by decoding the validated blocks."""
+    cfg = tiny_run(tmp_path, steps=2, val_batches=3)
+    cfg.train.val_every = 2
+    cfg.data.tokenizer, cfg.model.vocab_size = tokenizer, 2048
+    trainer = Trainer(cfg)
+    trainer.fit()
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()
+              if "val_loss" in line][-1]
+    tok = build_tokenizer(tokenizer)
+    targets = trainer.val_blocks[:3 * cfg.train.micro_batch_size, 1:]
+    text_bytes = sum(len(tok.decode([i for i in row if i != tok.eos_id]).encode("utf-8"))
+                     for row in targets.tolist())
+    expected = record["val_loss"] * targets.numel() / (math.log(2) * text_bytes)
+    assert record["val_bits_per_byte"] == pytest.approx(expected, rel=1e-6)
+    if tokenizer != "byte":  # several bytes per token
+        assert record["val_bits_per_byte"] < record["val_loss"] / math.log(2) / 1.5
+
+
 def test_validation_reports_expert_loads_over_the_whole_pass(tmp_path):
     """The validation MaxVio (the paper's MaxVio_global) comes from every validation token:
     the loads equal a count of each token's top-k, routed one token at a time."""
@@ -267,3 +289,27 @@ def test_validation_reports_expert_loads_over_the_whole_pass(tmp_path):
     expected_mv = (loads.max(-1).values / loads.mean(-1) - 1).tolist()
     assert last["max_violation"] == pytest.approx(expected_mv)
     assert val_loss == pytest.approx(val_records[-1]["val_loss"])
+
+
+def test_a_run_from_a_checkpoint_must_keep_its_tokenizer(tmp_path):
+    """The embeddings are per token id: starting from a checkpoint with another tokenizer is
+    refused in one line naming the fix, before any data is read."""
+    import shutil
+
+    from moetrain.data.tokenizer import BUILTIN_DIR, same_tokenizer_file
+    base = tiny_run(tmp_path, steps=1)
+    Trainer(base).fit()
+    cfg = tiny_run(tmp_path / "ft", steps=1)
+    cfg.init_from = str(tmp_path / "run" / "checkpoints" / "step_00000001")
+    cfg.data.tokenizer, cfg.model.vocab_size = "stdlib-bpe-2048", 2048
+    # a missing file: reading the data first would fail on it instead
+    cfg.data.source, cfg.data.path = "text", str(tmp_path / "never-read.txt")
+    with pytest.raises(ValueError, match=r"was trained with data.tokenizer='byte' \(model."
+                       r"vocab_size=256\), .*add data.tokenizer=byte model.vocab_size=256$"):
+        Trainer(cfg)
+    # the same tokenizer.json under another name (an export's copy) is the same tokenizer
+    copy = tmp_path / "copy"
+    shutil.copytree(BUILTIN_DIR / "stdlib-bpe-2048", copy)
+    assert same_tokenizer_file("stdlib-bpe-2048", str(copy))
+    assert not same_tokenizer_file("stdlib-bpe-2048", "byte")
+    assert not same_tokenizer_file("stdlib-bpe-2048", str(tmp_path / "missing"))
