@@ -273,6 +273,22 @@ def test_shipped_bias_update_recovers_from_the_collapsed_start_on_real_text(tmp_
     assert mean_max_violation(runs["shipped"], late) < mean_max_violation(runs["sign"], late) - 1
 
 
+@pytest.mark.parametrize("family", ["deepseek_tiny", "mixtral_tiny"])
+def test_each_tiny_family_keeps_every_expert_busy_from_step_30_on_real_text(tmp_path, family):
+    """The issue's setting at the shipped defaults: data=python_stdlib (its BPE), the family's
+    balancing, the global batch of 2 ranks (grad_accum=2 in one process), the learning-rate
+    schedule of a 300-step run, stopped at step 50. No MoE layer has an expert without a token
+    at any step from 30 on, and by step 50 the worst layer's MaxVio is below 1 (averaged over
+    steps 46-50: one batch of 4K tokens is noisy). ~40 s each."""
+    run = _first_steps_on_real_text(tmp_path, family, ["train.grad_accum=2",
+                                                       "train.exit_at_step=50"], 300, family)
+    assert max(run) == 50
+    dead = {step: sum(run[step]["dead_experts"]) for step in range(30, 51)}
+    assert not any(dead.values()), {step: n for step, n in dead.items() if n}
+    worst = [max(run[step]["max_violation_global"]) for step in range(46, 51)]
+    assert sum(worst) / len(worst) < 1.0, worst
+
+
 def _router_inputs(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     inputs = []
     hooks = [layer.router.register_forward_pre_hook(
@@ -310,8 +326,9 @@ def test_default_embedding_init_keeps_router_inputs_of_different_tokens_apart():
 
 @pytest.mark.parametrize("family", ["deepseek_tiny", "mixtral_tiny"])
 def test_default_embedding_init_keeps_the_first_steps_uncollapsed(tmp_path, family):
-    """What the cause does on real text: at std 0.02 some layer sends every token to the same
-    top-k by step 10 (MaxVio E/k - 1); at the default std 1.0 no layer comes near. ~10 s."""
+    """What the cause does on real text: at std 0.02 some layer sends (nearly) every token to
+    the same top-k by step 10 (MaxVio E/k - 1); at the default std 1.0 no layer comes near.
+    ~10 s."""
     def worst_early(run):  # the most concentrated layer over steps 3-10
         return max(max(run[s]["max_violation_global"]) for s in range(3, 11))
 
@@ -320,5 +337,5 @@ def test_default_embedding_init_keeps_the_first_steps_uncollapsed(tmp_path, fami
     default = _first_steps_on_real_text(tmp_path, "default", [], 10, family)
     small = _first_steps_on_real_text(tmp_path, "small", ["model.embed_init_std=0.02"], 10,
                                       family)
-    assert worst_early(small) > 0.95 * all_on_top_k
+    assert worst_early(small) > 0.9 * all_on_top_k
     assert worst_early(default) < 0.8 * all_on_top_k
