@@ -65,6 +65,11 @@ NEW_DEFAULTS = [
     Variant("mixtral_tiny", "new default (balance=switch_aux)", ("balance=switch_aux",)),
 ]
 ALTERNATIVES = [
+    # the shipped balancing before the BPE runs of 2026-11-24 moved its coefficients
+    Variant("deepseek_tiny", "seq aux 1e-4 (the previous default)",
+            ("balance=aux_free", "model.balance.aux_loss_coef=0.0001")),
+    Variant("mixtral_tiny", "Switch 0.01 (the previous default)",
+            ("balance=switch_aux", "model.balance.aux_loss_coef=0.01")),
     Variant("deepseek_tiny", "default balance, embed std 0.02", ("balance=aux_free", OLD_INIT)),
     Variant("mixtral_tiny", "default balance, embed std 0.02", ("balance=switch_aux", OLD_INIT)),
     Variant("deepseek_tiny", "sign, gamma 1e-2",

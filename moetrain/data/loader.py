@@ -102,6 +102,8 @@ def pack(token_lists, eos_id: int, block: int) -> torch.Tensor:
         flat.extend(ids)
         flat.append(eos_id)
     n = len(flat) // block
+    if n == 0:
+        return torch.empty(0, block, dtype=torch.long)
     return torch.frombuffer(flat, dtype=torch.int64)[:n * block].clone().view(n, block)
 
 

@@ -142,7 +142,8 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> Path:
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """(vocab,) int64: the UTF-8 bytes each token id stands for (rules: moetrain.evaluate's docstring)."""
+    """(vocab,) int64: the UTF-8 bytes each token id stands for (the rules: moetrain.evaluate's
+    docstring)."""
     if isinstance(tokenizer, ByteTokenizer):
         lengths = torch.ones(tokenizer.vocab_size, dtype=torch.long)
         lengths[tokenizer.eos_id] = 0

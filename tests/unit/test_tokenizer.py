@@ -107,3 +107,10 @@ def test_train_tokenizer_script_writes_a_tokenizer_the_trainer_reads(tmp_path):
     train, _ = build_data(DataConfig(source="text", path=str(corpus), sample_by="paragraph",
                                      tokenizer=str(out), seq_len=16), 2, 0, 1, vocab_size=320)
     assert train.next_batch().max() > 255
+
+
+def test_pack_keeps_whole_blocks_only():
+    from moetrain.data.loader import pack
+    blocks = pack([[5, 6, 7], [8]], eos_id=0, block=3)  # 5 6 7 0 8 0 -> two blocks
+    assert blocks.tolist() == [[5, 6, 7], [0, 8, 0]]
+    assert pack([[1, 2]], eos_id=0, block=8).shape == (0, 8)
