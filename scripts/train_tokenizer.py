@@ -42,7 +42,8 @@ def main() -> None:
     out = save_tokenizer(tokenizer, args.out)
     n_bytes = sum(len(t.encode("utf-8")) for t in column)
     n_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(list(column)))
-    print(f"{out}: {tokenizer.get_vocab_size()} tokens, learnt from {len(column):,} documents "
+    print(f"{out}: {tokenizer.get_vocab_size()} tokens, learnt from {len(column):,} "
+          f"document{'s' * (len(column) != 1)} "
           f"({n_bytes / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s; "
           f"{n_bytes / n_tokens:.2f} bytes per token on them")
 
