@@ -30,8 +30,7 @@ from moetrain.optim import build_optimizer
 from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, finalize_grads
 from moetrain.train.preemption import STOP, Preempted
 from moetrain.train.setup import (apply_init_from_hf, build_model, check_same_tokenizer,
-                                  choose_run_dir, describe,
-                                  join_ranks, world_size_from_env)
+                                  choose_run_dir, describe, join_ranks, world_size_from_env)
 from moetrain.train.throughput import PhaseTimer, Throughput, flops_per_token, peak_flops
 
 
@@ -173,7 +172,6 @@ class Trainer:
                 "stop_signal": (signal.SIGTERM if sigterm else signal.SIGINT if sigint
                                 else None)}
 
-    @torch.no_grad()
     def _validation_plan(self) -> tuple[int, int, int]:
         """(blocks per rank, batch size, batches) of a validation pass."""
         per_rank = len(self.val_blocks) // self.world
@@ -191,6 +189,7 @@ class Trainer:
             self._val_bytes_per_token = lengths[targets].sum().item() / targets.numel()
         return self._val_bytes_per_token
 
+    @torch.no_grad()
     def validate(self) -> tuple[float, torch.Tensor | None] | None:
         """Mean validation cross-entropy over the same number of batches on every rank (the
         MoE layers hold collectives, so every rank must run every forward), and the MoE layers'

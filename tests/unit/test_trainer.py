@@ -313,3 +313,17 @@ def test_a_run_from_a_checkpoint_must_keep_its_tokenizer(tmp_path):
     assert same_tokenizer_file("stdlib-bpe-2048", str(copy))
     assert not same_tokenizer_file("stdlib-bpe-2048", "byte")
     assert not same_tokenizer_file("stdlib-bpe-2048", str(tmp_path / "missing"))
+
+
+def test_validation_builds_no_autograd_graph(tmp_path):
+    trainer = Trainer(tiny_run(tmp_path, steps=1, val_batches=2))
+    grad_enabled = []
+    loss_on = trainer.loss_on
+
+    def recording(*args, **kwargs):
+        grad_enabled.append(torch.is_grad_enabled())
+        return loss_on(*args, **kwargs)
+
+    trainer.loss_on = recording
+    trainer.validate()
+    assert grad_enabled == [False, False]
