@@ -427,6 +427,10 @@ def comparison_figure(experiment: str, runs: dict[str, dict[int, Path]],
                         mec="black", mew=0.5)
         ax.axhline(BALANCED_MAX_VIOLATION, color="grey", ls=":", lw=1)
         ax.set_yscale("log")
+        # down to half the lowest mean: a band whose mean - std nears 0 would otherwise stretch
+        # the log axis over decades that no curve uses (it runs off the bottom instead)
+        lowest = min(values.mean(0).min() for _, values in worst.values())
+        ax.set_ylim(bottom=max(lowest / 2, 1e-3))
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5), numticks=12))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())

@@ -57,9 +57,6 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i != self.eos_id).decode("utf-8", errors="replace")
 
