@@ -11,14 +11,20 @@ are assigned by op name (KINDS below); an op that no kind names counts as "other
 holds the Python of the CPU expert walk (the self time of `_SwiGLUExpertsCPU[Backward]`).
 Profiling adds a few microseconds per op, so the absolute times run above bench_moe.py's;
 compare kinds, not totals, across scripts.
+
+On CUDA the layers run in bf16 and the tables hold each op's self *device* time (its kernels),
+with the wall time per forward + backward beside them: the gap between the two is launch and
+host-sync latency, which no kernel time shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from moetrain.config import BalanceConfig
@@ -35,9 +41,10 @@ KINDS = {
                     "rsub", "where", "clamp", "clamp_min"),
     "routing (top-k, sort, softmax, masks)": (
         "topk", "sort", "argsort", "_softmax", "_softmax_backward_data", "masked_fill",
-        "masked_fill_", "scatter", "scatter_", "repeat_interleave", "gather", "arange", "eq",
-        "lt", "ge"),
-    "row gather / scatter-add": ("index_select", "index_add", "index_add_", "index",
+        "masked_fill_", "scatter", "scatter_", "repeat_interleave", "arange", "eq", "lt",
+        "ge"),
+    # gather: the router's top-k scores, and on CUDA the row gathers (index_select runs as it)
+    "row gather / scatter-add": ("index_select", "gather", "index_add", "index_add_", "index",
                                  "index_put_", "scatter_add", "scatter_add_",
                                  "index_select_backward"),
     "reductions and counts": ("sum", "mean", "bincount", "cumsum", "max", "amax",
@@ -55,21 +62,46 @@ def kind_of(op: str) -> str:
     return KIND_OF.get(op.removeprefix("aten::"), "other")
 
 
-def profiled(fn, steps: int):
+def self_us(event, cuda: bool) -> float:
+    return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+
+def wall_ms(fn, steps: int, cuda: bool) -> float:
+    """Milliseconds per call, unprofiled."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def profiled(fn, steps: int, cuda: bool):
     for _ in range(2):  # warm-up: allocator, first-call costs
         fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
+        if cuda:
+            torch.cuda.synchronize()
     return prof.key_averages()
 
 
-def by_kind(events, steps: int) -> dict[str, float]:
-    """Self CPU milliseconds per forward + backward, by kind."""
+def by_kind(events, steps: int, cuda: bool) -> dict[str, float]:
+    """Self milliseconds (CPU, or device on CUDA) per forward + backward, by kind."""
     totals: dict[str, float] = defaultdict(float)
-    for event in events:
-        totals[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps
+    for event in op_events(events):
+        totals[kind_of(event.key)] += self_us(event, cuda) / 1e3 / steps
     return totals
+
+
+def op_events(events):
+    """The ops: on CUDA the profile also lists each kernel as an event of its own, whose time
+    its op's self device time already holds."""
+    return [e for e in events if e.device_type == DeviceType.CPU]
 
 
 def main():
@@ -80,14 +112,19 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)
     for name in args.configs:
         cfg = CONFIGS[name]
-        moe = MoE(args.dim, cfg, BalanceConfig())
+        moe = MoE(args.dim, cfg, BalanceConfig()).to(device)
         moe.init_weights(0.02)
-        dense = SwiGLU(args.dim, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden)
+        dense = SwiGLU(args.dim, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden
+                       ).to(device)
         dense.init_weights(0.02)
-        x = torch.randn(1, args.tokens, args.dim, requires_grad=True)
+        moe, dense = moe.to(dtype), dense.to(dtype)
+        x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype,
+                        requires_grad=True)
 
         def moe_step():
             out, aux = moe(x)
@@ -96,24 +133,31 @@ def main():
         def dense_step():
             dense(x).sum().backward()
 
-        moe_events = profiled(moe_step, args.steps)
-        dense_kinds = by_kind(profiled(dense_step, args.steps), args.steps)
-        moe_kinds = by_kind(moe_events, args.steps)
+        moe_events = profiled(moe_step, args.steps, cuda)
+        dense_kinds = by_kind(profiled(dense_step, args.steps, cuda), args.steps, cuda)
+        moe_kinds = by_kind(moe_events, args.steps, cuda)
+        where = (f"bf16 on {torch.cuda.get_device_name()}" if cuda
+                 else f"fp32, {torch.get_num_threads()} threads")
         print(f"\n{name}: {cfg.num_experts} experts of {cfg.expert_hidden}, top-{cfg.top_k}, "
-              f"{cfg.n_shared_experts} shared; {args.tokens} tokens x {args.dim}, fp32, "
-              f"{torch.get_num_threads()} threads; ms per forward + backward (self CPU time)")
+              f"{cfg.n_shared_experts} shared; {args.tokens} tokens x {args.dim}, {where}; "
+              f"ms per forward + backward (self {'device' if cuda else 'CPU'} time)")
         print(f"{'kind':40s} {'MoE':>9s} {'dense':>9s} {'MoE - dense':>12s}")
         kinds = sorted(set(moe_kinds) | set(dense_kinds), key=lambda k: -moe_kinds.get(k, 0))
         for kind in kinds:
             m, d = moe_kinds.get(kind, 0.0), dense_kinds.get(kind, 0.0)
-            print(f"{kind:40s} {m:9.1f} {d:9.1f} {m - d:+12.1f}")
+            print(f"{kind:40s} {m:9.2f} {d:9.2f} {m - d:+12.2f}")
         m_total, d_total = sum(moe_kinds.values()), sum(dense_kinds.values())
-        print(f"{'total':40s} {m_total:9.1f} {d_total:9.1f} {m_total - d_total:+12.1f}"
+        print(f"{'total':40s} {m_total:9.2f} {d_total:9.2f} {m_total - d_total:+12.2f}"
               f"   (MoE / dense {m_total / d_total:.2f})")
+        if cuda:
+            m_wall, d_wall = wall_ms(moe_step, args.steps, cuda), wall_ms(dense_step, args.steps,
+                                                                          cuda)
+            print(f"{'wall time (unprofiled)':40s} {m_wall:9.2f} {d_wall:9.2f} "
+                  f"{m_wall - d_wall:+12.2f}   (MoE / dense {m_wall / d_wall:.2f})")
         print(f"\ntop {args.top} MoE ops by self time (ms per forward + backward, calls per "
               "forward + backward):")
-        for event in sorted(moe_events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
-            print(f"  {event.key:50s} {event.self_cpu_time_total / 1e3 / args.steps:9.1f}"
+        for event in sorted(op_events(moe_events), key=lambda e: -self_us(e, cuda))[:args.top]:
+            print(f"  {event.key:50s} {self_us(event, cuda) / 1e3 / args.steps:9.3f}"
                   f" {event.count / args.steps:8.0f}  {kind_of(event.key)}")
 
 

@@ -331,9 +331,16 @@ def _grouped_mm_experts(x, tokens_per_expert, gates, w_gate, w_up, w_down, adapt
             return out
         return out + scaling * mm(mm(F.dropout(inp, dropout), a), b)
 
-    h = F.silu(project(xb, w_gate, a_gate, b_gate)) * project(xb, w_up, a_up, b_up)
-    return (project(h, w_down, a_down, b_down) * gates.unsqueeze(-1).to(torch.bfloat16)
-            ).type_as(x)
+    if a_gate is None:  # gate and up as one matmul: one pass over x, and no sum of two dx
+        w_gate_up = torch.cat([w_gate.bfloat16(), w_up.bfloat16()], dim=1)  # (E, 2 hidden, D)
+        gate, up = mm(xb, w_gate_up).chunk(2, dim=-1)
+    else:
+        gate, up = project(xb, w_gate, a_gate, b_gate), project(xb, w_up, a_up, b_up)
+    # The gate scales h before the down projection, not its output: the same product (the
+    # projection is linear, and dropout acts per element), on (M, hidden) rows instead of
+    # (M, D), 4x fewer for fine-grained experts.
+    h = F.silu(gate) * up * gates.unsqueeze(-1).to(torch.bfloat16)
+    return project(h, w_down, a_down, b_down).type_as(x)
 
 
 class SwiGLU(nn.Module):

@@ -36,6 +36,47 @@ class Dispatched:
     num_tokens: int
 
 
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert. Not `torch.bincount`: on CUDA it reads the largest id
+    back to the host (a sync per call)."""
+    return expert_ids.new_zeros(num_experts).scatter_add_(0, expert_ids,
+                                                          torch.ones_like(expert_ids))
+
+
+class _SortedRows(torch.autograd.Function):
+    """x (N, D) -> x[token_of_sorted] (M = N * k, D): each token's row once per assignment, in
+    expert order. Backward sums each token's k row gradients, found through `inverse` (sorted
+    position of each token-major assignment): a gather and a sum, where index_select's own
+    backward is an atomic index_add (slow in bf16 on CUDA, and non-deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_sorted, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, token_of_sorted)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad_x = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1)
+        return grad_x, None, None, None
+
+
+class _TokenSums(torch.autograd.Function):
+    """y (M, D) in expert order -> (N, D): each token's k rows summed. The adjoint of
+    `_SortedRows`, so each one's backward is the other's forward."""
+
+    @staticmethod
+    def forward(ctx, y, token_of_sorted, inverse, k: int):
+        ctx.save_for_backward(token_of_sorted)
+        return y.index_select(0, inverse).view(-1, k, y.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_of_sorted,) = ctx.saved_tensors
+        return grad.index_select(0, token_of_sorted), None, None, None
+
+
 class LocalDispatcher:
     """One process: sort assignments by expert, and scatter-add expert outputs back to tokens."""
 
@@ -45,7 +86,7 @@ class LocalDispatcher:
     def _sorted(self, token_ids, expert_ids, weights):
         """(token of each assignment, gate weights, tokens_per_expert), sorted by expert."""
         order = torch.argsort(expert_ids, stable=True)
-        tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_local_experts)
+        tokens_per_expert = count_per_expert(expert_ids, self.num_local_experts)
         return token_ids[order], weights[order], tokens_per_expert
 
     def dispatch(self, x, token_ids, expert_ids, weights) -> Dispatched:
@@ -60,11 +101,27 @@ class LocalDispatcher:
         out = expert_output.new_zeros(dispatched.num_tokens, expert_output.shape[-1])
         return out.index_add(0, dispatched.token_ids, expert_output)
 
-    def run(self, experts, x, token_ids, expert_ids, weights):
+    def run(self, experts, x, token_ids, expert_ids, weights, top_k: int = 0):
         """dispatch -> experts -> combine in one: the experts gather their rows of x and add
-        their outputs back into token order themselves (GroupedExperts with row_ids)."""
+        their outputs back into token order themselves (GroupedExperts with row_ids).
+
+        top_k > 0 says every token has exactly top_k assignments, token-major (assignment a is
+        token a // top_k's). On CUDA the rows then travel by permutation (`_SortedRows`,
+        `_TokenSums`): gathers and a sum over k, no atomic scatter-add in either direction."""
+        if top_k and x.is_cuda:
+            return self.run_permuted(experts, x, token_ids, expert_ids, weights, top_k)
         sorted_token_ids, gates, tokens_per_expert = self._sorted(token_ids, expert_ids, weights)
         return experts(x, tokens_per_expert, gates, row_ids=sorted_token_ids)
+
+    def run_permuted(self, experts, x, token_ids, expert_ids, weights, top_k: int):
+        """`run` for exactly top_k assignments per token, token-major, by permutation."""
+        order = torch.argsort(expert_ids, stable=True)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device))
+        token_of_sorted = token_ids[order]
+        rows = _SortedRows.apply(x, token_of_sorted, inverse, top_k)
+        y = experts(rows, count_per_expert(expert_ids, self.num_local_experts), weights[order])
+        return _TokenSums.apply(y, token_of_sorted, inverse, top_k)
 
 
 def capacity_keep_mask(expert_ids: torch.Tensor, priority: torch.Tensor, capacity: int,
@@ -73,7 +130,7 @@ def capacity_keep_mask(expert_ids: torch.Tensor, priority: torch.Tensor, capacit
     weight, Megatron's "probs" drop policy); ties go to the earlier token."""
     by_priority = torch.argsort(-priority, stable=True)
     order = by_priority[torch.argsort(expert_ids[by_priority], stable=True)]
-    counts = torch.bincount(expert_ids, minlength=num_experts)
+    counts = count_per_expert(expert_ids, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     sorted_experts = expert_ids[order]
     position = torch.arange(len(order), device=expert_ids.device) - starts[sorted_experts]
@@ -126,15 +183,18 @@ class MoE(nn.Module):
         x_flat = x.reshape(-1, D)  # (N, D)
         route = self.router(x_flat)
         token_ids, expert_ids, weights = route.token_ids, route.expert_ids, route.weights
-        tokens_per_expert = torch.bincount(expert_ids, minlength=E)  # (E,), before any drop
+        tokens_per_expert = count_per_expert(expert_ids, E)  # (E,), before any drop
 
         num_assignments = expert_ids.numel()
+        top_k = route.top_k  # assignments per token, while no token has lost any
         if cfg.capacity_factor is not None and cfg.router != "expert_choice":
             capacity = math.ceil(cfg.capacity_factor * B * T * cfg.top_k / E)
             keep = capacity_keep_mask(expert_ids, weights.detach(), capacity, E)
             token_ids, expert_ids, weights = token_ids[keep], expert_ids[keep], weights[keep]
+            top_k = 0
 
-        out = self.dispatcher.run(self.experts, x_flat, token_ids, expert_ids, weights)  # (N, D)
+        out = self.dispatcher.run(self.experts, x_flat, token_ids, expert_ids, weights,
+                                  top_k=top_k)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
 
@@ -152,8 +212,9 @@ class MoE(nn.Module):
         # Kept on device; balance.moe_layer_stats moves all layers' stats in one transfer.
         self.last_stats = {
             "tokens_per_expert": tokens_per_expert.detach(),
-            "dropped_fraction": torch.tensor(1.0 - kept / max(num_assignments, 1),
-                                             device=tokens_per_expert.device),
+            # torch.full, not torch.tensor: no host-to-device copy (a sync on CUDA)
+            "dropped_fraction": torch.full((), 1.0 - kept / max(num_assignments, 1),
+                                           device=tokens_per_expert.device),
             "aux_loss": aux_loss.detach(),
             "z_loss": z_loss.detach(),
             # mean over tokens of the entropy of the router's distribution, in nats

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moetrain.model.moe import Dispatched
+from moetrain.model.moe import Dispatched, count_per_expert
 
 
 class _AllToAll(torch.autograd.Function):
@@ -120,7 +120,7 @@ class AllToAllDispatcher:
         local_expert = recv_meta[:, 0]
         perm = torch.argsort(local_expert, stable=True)
         row = row[perm]
-        tokens_per_local_expert = torch.bincount(local_expert, minlength=local_experts)
+        tokens_per_local_expert = count_per_expert(local_expert, local_experts)
         self.last_sent = {"rows": unit_send, "assignments": assign_send}
         return AllToAllDispatched(
             expert_input=recv_units.index_select(0, row), gates=recv_weights[perm],
@@ -128,8 +128,9 @@ class AllToAllDispatcher:
             recv_rows=row, num_recv_units=recv_units.shape[0], units_sent=unit_send,
             units_received=unit_recv)
 
-    def run(self, experts, x, token_ids, expert_ids, weights):
-        """dispatch -> this rank's experts -> combine: (N, D) routed output."""
+    def run(self, experts, x, token_ids, expert_ids, weights, top_k: int = 0):
+        """dispatch -> this rank's experts -> combine: (N, D) routed output. (top_k: see
+        LocalDispatcher.run; the exchange needs no such promise.)"""
         dispatched = self.dispatch(x, token_ids, expert_ids, weights)
         expert_output = experts(dispatched.expert_input, dispatched.tokens_per_expert,
                                 dispatched.gates)

@@ -1,5 +1,7 @@
-"""The CUDA paths (grouped_mm in bf16, autocast, FSDP mixed precision). Skipped cleanly
-without a GPU; none of them has run yet (no GPU so far)."""
+"""The CUDA paths (grouped_mm in bf16, the permuted dispatch, autocast, FSDP mixed
+precision). Skipped cleanly without a GPU."""
+
+import copy
 
 import pytest
 import torch
@@ -7,6 +9,9 @@ import torch
 from moetrain.config import BalanceConfig, MoEConfig
 from moetrain.model.experts import GroupedExperts
 from moetrain.model.moe import MoE
+
+from tests.unit.reference import naive_moe
+from tests.unit.test_moe_layer import MOE_CASES, make_moe
 
 pytestmark = pytest.mark.gpu
 
@@ -101,3 +106,56 @@ def test_fsdp_bf16_mixed_precision_keeps_fp32_master_weights(monkeypatch):
             assert torch.isfinite(grad).all(), name
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_layer_on_cuda_matches_the_per_token_loop(case):
+    """fp32 on CUDA: dropless token choice takes the permuted dispatch, the other cases the
+    gather / index_add one; both against the per-token loop on CPU, gradients included."""
+    moe = make_moe(**MOE_CASES[case])
+    x = torch.randn(24, 12, requires_grad=True)
+    grad_out = torch.randn(24, 12)
+    ref = naive_moe(moe, x)
+    ref_grads = torch.autograd.grad(ref, [x, *moe.parameters()], grad_out, allow_unused=True)
+
+    gpu = copy.deepcopy(moe).cuda()
+    x_gpu = x.detach().cuda().requires_grad_(True)
+    out, _ = gpu(x_gpu.view(2, 12, 12))
+    grads = torch.autograd.grad(out.view(24, 12), [x_gpu, *gpu.parameters()], grad_out.cuda())
+    torch.testing.assert_close(out.view(24, 12).cpu(), ref, rtol=1e-4, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        g_ref = torch.zeros_like(g.cpu()) if g_ref is None else g_ref
+        torch.testing.assert_close(g.cpu(), g_ref, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid"])
+def test_bf16_moe_layer_matches_fp32_and_is_deterministic(router):
+    """bf16 on CUDA (grouped_mm, permuted dispatch): within bf16 tolerance of the fp32 CPU
+    layer with the same (bf16-rounded) weights, and bit-identical over two runs (no atomic
+    adds on the way)."""
+    torch.manual_seed(0)
+    kw = (dict(num_experts=8, top_k=2) if router == "softmax_topk" else
+          dict(num_experts=16, top_k=4, n_groups=4, topk_groups=2, route_scale=2.5,
+               n_shared_experts=1))
+    moe = MoE(64, MoEConfig(router=router, expert_hidden=32, **kw), BalanceConfig())
+    moe.init_weights(0.05)
+    moe = moe.bfloat16().float()  # the weights bf16 can hold, so both route alike
+    x = torch.randn(4, 64, 64).bfloat16().float()
+    grad_out = torch.randn_like(x)
+    x_ref = x.clone().requires_grad_(True)
+    ref, _ = moe(x_ref)
+    ref.backward(grad_out)
+
+    gpu = copy.deepcopy(moe).cuda().bfloat16()
+    runs = []
+    for _ in range(2):
+        x_gpu = x.cuda().bfloat16().requires_grad_(True)
+        out, _ = gpu(x_gpu)
+        out.backward(grad_out.cuda().bfloat16())
+        runs.append((out.detach(), x_gpu.grad, gpu.experts.w_down.grad.clone()))
+        gpu.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    out, x_grad, _ = runs[0]
+    scale = ref.abs().max()
+    assert (out.float().cpu() - ref).abs().max() <= 0.02 * scale
+    assert (x_grad.float().cpu() - x_ref.grad).abs().max() <= 0.02 * x_ref.grad.abs().max()
