@@ -327,12 +327,17 @@ class Checkpointer:
         Loading writes into these in place: they are the parameters and the optimizer state."""
         state = {f"model.{name}": tensor for name, tensor in self.model.state_dict().items()
                  if self.model_keys is None or name in self.model_keys}
+        # Where AdamW keeps its step count: on the parameter's device for the fused (and
+        # capturable) kernels, which refuse a CPU one; on the CPU otherwise. As torch does.
+        step_on_device = any(group.get("fused") or group.get("capturable")
+                             for group in self.optimizer.param_groups)
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
             slots = self.optimizer.state[param]
             if not slots:  # before the first step: create AdamW's slots so they can be loaded
-                slots.update(step=torch.zeros((), dtype=torch.float32),
+                slots.update(step=torch.zeros((), dtype=torch.float32,
+                                              device=param.device if step_on_device else "cpu"),
                              exp_avg=torch.zeros_like(param),
                              exp_avg_sq=torch.zeros_like(param))
             state[f"optim.{name}.step"] = slots["step"]

@@ -53,8 +53,9 @@ def loaded(trained):
 def reference_loss(model, blocks) -> tuple[float, int]:
     """Per-token cross-entropy, one block at a time, summed in fp64: (nats / token, tokens)."""
     nats, count = 0.0, 0
+    device = next(model.parameters()).device  # load_model puts it on the GPU, if any
     with torch.no_grad():
-        for block in blocks:
+        for block in blocks.to(device):
             logits, _ = model(block[None, :-1])  # (1, T, V)
             log_probs = F.log_softmax(logits[0].double(), dim=-1)
             nats -= log_probs.gather(1, block[1:, None]).sum().item()

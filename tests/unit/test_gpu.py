@@ -159,3 +159,25 @@ def test_bf16_moe_layer_matches_fp32_and_is_deterministic(router):
     scale = ref.abs().max()
     assert (out.float().cpu() - ref).abs().max() <= 0.02 * scale
     assert (x_grad.float().cpu() - x_ref.grad).abs().max() <= 0.02 * x_ref.grad.abs().max()
+
+
+def test_a_run_resumes_on_cuda_with_the_fused_optimizer(tmp_path):
+    """Resuming creates AdamW's slots before loading into them; the fused CUDA kernel refuses
+    a step count on the CPU (every resume of a one-GPU run failed so). The resumed steps
+    repeat the uninterrupted run's losses."""
+    import shutil
+
+    from moetrain.train import Trainer
+    from tests.unit.test_checkpoint_integrity import losses, run_with_checkpoints
+
+    run_dir, cfg = run_with_checkpoints(tmp_path, steps=4, every=2)
+    reference = losses(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
+    cfg.resume = "auto"
+    trainer = Trainer(cfg)
+    assert trainer.step == 2 and next(trainer.model.parameters()).is_cuda
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    trainer.fit()
+    got = losses(run_dir)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(reference[step], rel=1e-5), step

@@ -356,7 +356,7 @@ def test_init_from_hf_trains_from_the_transformers_weights(tmp_path):
     assert trainer.cfg.model.moe.num_experts == 8 and trainer.cfg.model.balance.aux_free
     reference, _ = load_model(f"hf:{directory}")
     for key, value in reference.state_dict().items():
-        assert torch.equal(trainer.model.state_dict()[key], value), key
+        assert torch.equal(trainer.model.state_dict()[key].cpu(), value.cpu()), key
     summary = trainer.fit()
     assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite
     shutil.rmtree(directory)

@@ -273,7 +273,7 @@ def test_lora_fine_tune_lowers_the_loss_on_shifted_data_with_the_base_untouched(
     state = trainer.model.state_dict()
     for key, value in base_model.state_dict().items():
         if not key.endswith("expert_bias"):
-            assert torch.equal(state[key], value), key
+            assert torch.equal(state[key].cpu(), value.cpu()), key
     slots = {id(p) for p in trainer.optimizer.state}
     for name, p in trainer.model.named_parameters():
         assert (id(p) in slots) == name.endswith(("lora_A", "lora_B")), name
@@ -289,7 +289,7 @@ def test_lora_fine_tune_lowers_the_loss_on_shifted_data_with_the_base_untouched(
     # loaded for evaluation: base + adapters, merged, with the LoRA model's logits
     merged, _ = load_model(checkpoint)
     assert not any(k.endswith(("lora_A", "lora_B")) for k in merged.state_dict())
-    tokens = trainer.val_blocks[:4, :-1]
+    tokens = trainer.val_blocks[:4, :-1].to(next(merged.parameters()).device)
     trainer.model.eval()
     with torch.no_grad():
         want = trainer.model(tokens)[0]
