@@ -35,8 +35,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def fwd_bwd_seconds(fn, x, device) -> float:
-    x.grad = None
+def fwd_bwd_seconds(fn, x, device, params=()) -> float:
+    # Fresh gradients, as after the trainer's zero_grad(set_to_none=True): otherwise backward
+    # adds into the last repeat's, which costs in proportion to *total* parameters (the MoE's
+    # are 8x the dense layer's at E=64) and is no part of a training step without accumulation.
+    for p in (x, *params):
+        p.grad = None
     sync(device)
     start = time.perf_counter()
     out = fn(x)
@@ -45,19 +49,22 @@ def fwd_bwd_seconds(fn, x, device) -> float:
     return time.perf_counter() - start
 
 
-def time_fwd_bwd(fn, x, device, repeats, warmup=2):
-    return time_interleaved({"fn": fn}, x, device, repeats, warmup)["fn"]
+def time_fwd_bwd(fn, x, device, repeats, warmup=2, params=()):
+    return time_interleaved({"fn": fn}, x, device, repeats, warmup, {"fn": params})["fn"]
 
 
-def time_interleaved(fns: dict, x, device, repeats, warmup=2) -> dict[str, float]:
-    """Median seconds of forward + backward of each fn, the fns taking turns every repeat."""
-    for fn in fns.values():
+def time_interleaved(fns: dict, x, device, repeats, warmup=2, params=None
+                     ) -> dict[str, float]:
+    """Median seconds of forward + backward of each fn, the fns taking turns every repeat;
+    params[name]: the parameters whose gradients are reset before each of fn's calls."""
+    params = {name: list(params.get(name, ())) if params else [] for name in fns}
+    for name, fn in fns.items():
         for _ in range(warmup):
-            fwd_bwd_seconds(fn, x, device)
+            fwd_bwd_seconds(fn, x, device, params[name])
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(fwd_bwd_seconds(fn, x, device))
+            times[name].append(fwd_bwd_seconds(fn, x, device, params[name]))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -124,7 +131,9 @@ def main():
 
         times = time_interleaved({"moe": lambda inp: moe(inp)[0], "dense": dense,
                                   "hf": lambda inp: hf_style_loop(moe, inp)},
-                                 x, device, args.repeats)
+                                 x, device, args.repeats,
+                                 params={"moe": moe.parameters(), "dense": dense.parameters(),
+                                         "hf": moe.parameters()})
         t_moe, t_dense, t_hf = times["moe"], times["dense"], times["hf"]
         result = {
             "config": name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
@@ -140,9 +149,10 @@ def main():
         if args.naive_tokens:
             n = min(args.naive_tokens, args.tokens)
             x_naive = x[:, :n].detach().clone().requires_grad_(True)
-            t_moe_n = time_fwd_bwd(lambda inp: moe(inp)[0], x_naive, device, 1, warmup=1)
+            t_moe_n = time_fwd_bwd(lambda inp: moe(inp)[0], x_naive, device, 1, warmup=1,
+                                   params=list(moe.parameters()))
             t_naive = time_fwd_bwd(lambda inp: naive_token_loop(moe, inp), x_naive, device, 1,
-                                   warmup=0)
+                                   warmup=0, params=list(moe.parameters()))
             result.update({"naive_tokens": n, "naive_ms": round(1e3 * t_naive, 1),
                            "naive_vs_moe": round(t_naive / t_moe_n, 1)})
         print(json.dumps(result), flush=True)

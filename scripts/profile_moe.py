@@ -126,11 +126,13 @@ def main():
         x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype,
                         requires_grad=True)
 
-        def moe_step():
+        def moe_step():  # fresh gradients, as after the trainer's zero_grad(set_to_none=True)
+            moe.zero_grad(set_to_none=True)
             out, aux = moe(x)
             (out.sum() + aux).backward()
 
         def dense_step():
+            dense.zero_grad(set_to_none=True)
             dense(x).sum().backward()
 
         moe_events = profiled(moe_step, args.steps, cuda)
