@@ -62,11 +62,11 @@ def kind_of(op: str) -> str:
     return KIND_OF.get(op.removeprefix("aten::"), "other")
 
 
-def self_us(event, cuda: bool) -> float:
+def self_us(event, cuda: bool = False) -> float:
     return event.self_device_time_total if cuda else event.self_cpu_time_total
 
 
-def wall_ms(fn, steps: int, cuda: bool) -> float:
+def wall_ms(fn, steps: int, cuda: bool = False) -> float:
     """Milliseconds per call, unprofiled."""
     if cuda:
         torch.cuda.synchronize()
@@ -78,7 +78,7 @@ def wall_ms(fn, steps: int, cuda: bool) -> float:
     return (time.perf_counter() - start) * 1e3 / steps
 
 
-def profiled(fn, steps: int, cuda: bool):
+def profiled(fn, steps: int, cuda: bool = False):
     for _ in range(2):  # warm-up: allocator, first-call costs
         fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -90,7 +90,7 @@ def profiled(fn, steps: int, cuda: bool):
     return prof.key_averages()
 
 
-def by_kind(events, steps: int, cuda: bool) -> dict[str, float]:
+def by_kind(events, steps: int, cuda: bool = False) -> dict[str, float]:
     """Self milliseconds (CPU, or device on CUDA) per forward + backward, by kind."""
     totals: dict[str, float] = defaultdict(float)
     for event in op_events(events):
