@@ -46,7 +46,8 @@ class LocalShardAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not all(_placements(p.grad) == _placements(p) for p in params):
-                return super().step()  # sharded unlike its parameter: DTensor arithmetic
+                super().step()  # sharded unlike its parameter: DTensor arithmetic
+                return loss
             groups.append((group, params))
         for group, params in groups:
             if not params:

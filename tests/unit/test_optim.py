@@ -56,7 +56,7 @@ def test_steps_equal_torch_adamw_and_keep_adamw_state(mesh, grad_placement):
         for p, g in zip(sharded[:2], grads):
             p.grad = distribute_tensor(g, mesh, [grad_placement])
         reference.step()
-        ours.step()
+        assert ours.step(lambda: torch.tensor(float(step))) == step  # the closure's loss
     for p, q in zip(plain, sharded):
         torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
     assert sharded[2] not in ours.state  # no gradient: no step, as AdamW
