@@ -279,8 +279,9 @@ def test_each_tiny_family_keeps_every_expert_busy_from_step_30_on_real_text(tmp_
     balancing, the global batch of 2 ranks (grad_accum=2 in one process), the learning-rate
     schedule of a 300-step run, stopped at step 50. No MoE layer has an expert without a token
     at any step from 30 on, and by step 50 the worst layer's MaxVio is below 1 (averaged over
-    steps 46-50: one batch of 4K tokens is noisy). ~40 s each."""
-    run = _first_steps_on_real_text(tmp_path, family, ["train.grad_accum=2",
+    steps 46-50: one batch of 4K tokens is noisy). Seed 2: with the 20-step LR warm-up that
+    shipped before, deepseek_tiny had an expert empty at step 31 on it. ~40 s each."""
+    run = _first_steps_on_real_text(tmp_path, family, ["train.grad_accum=2", "train.seed=2",
                                                        "train.exit_at_step=50"], 300, family)
     assert max(run) == 50
     dead = {step: sum(run[step]["dead_experts"]) for step in range(30, 51)}
