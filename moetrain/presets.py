@@ -77,6 +77,11 @@ def bench_moe_layers() -> dict[str, MoEConfig]:
                                  shared_hidden=64)}
 
 
+# The balance config group (configs/balance/) each tiny family ships with: what the quickstart
+# examples, the benchmarks and the real-text tests pair with model=<family>.
+SHIPPED_BALANCE = {"mixtral_tiny": "switch_aux", "deepseek_tiny": "aux_free", "dense_tiny": "none"}
+
+
 def shipped_model(name: str) -> ModelConfig:
     """The values of configs/model/<name>.yaml over ModelConfig's defaults (no balance group
     applied, unlike Hydra's composition), for a repository checkout: configs/ is not installed

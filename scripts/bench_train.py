@@ -23,12 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moetrain.presets import SHIPPED_BALANCE
+
 REPO = Path(__file__).resolve().parents[1]
-BALANCE = {"mixtral_tiny": "switch_aux", "deepseek_tiny": "aux_free", "dense_tiny": "none"}
 
 
 def run(model: str, nproc: int, steps: int, run_dir: Path, extra: list[str]) -> list[dict]:
-    overrides = [f"model={model}", f"balance={BALANCE.get(model, 'none')}",
+    overrides = [f"model={model}", f"balance={SHIPPED_BALANCE.get(model, 'none')}",
                  f"train.steps={steps}", "train.log_every=10", "train.val_every=0",
                  "train.time_phases=true", "checkpoint.at_end=false",
                  "checkpoint.on_preempt=false", "logger.wandb.mode=disabled",

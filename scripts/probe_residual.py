@@ -17,58 +17,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
+from moetrain.presets import SHIPPED_BALANCE
+from moetrain.probes import residual_report
 from moetrain.train import Trainer
 from moetrain.train.cli import config_from_overrides
-
-SHIPPED_BALANCE = {"deepseek_tiny": "aux_free", "mixtral_tiny": "switch_aux",
-                   "dense_tiny": "none"}
-
-
-def common_and_spread(x: torch.Tensor) -> tuple[float, float]:
-    """x (N, D) -> (norm of the mean row, mean norm of each row minus the mean row)."""
-    mean = x.mean(dim=0)
-    return mean.norm().item(), (x - mean).norm(dim=-1).mean().item()
-
-
-def mean_pairwise_cosine(x: torch.Tensor) -> float:
-    """Mean cosine over all ordered pairs of rows of x (N, D), self-pairs included: the
-    squared norm of the mean unit row."""
-    unit = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-    return unit.mean(dim=0).norm().item() ** 2
-
-
-@torch.no_grad()
-def residual_report(model, tokens: torch.Tensor) -> list[dict]:
-    """One eval-mode forward of tokens (B, T); per layer: attention's and the FFN's
-    common/spread and the FFN input's mean pairwise cosine."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(module, args, out):
-            out = out[0] if isinstance(out, tuple) else out  # an MoE returns (out, aux)
-            captured[name] = out.detach().flatten(0, -2).float()
-        return hook
-
-    hooks = []
-    for i, block in enumerate(model.layers):
-        hooks += [block.attn.register_forward_hook(keep(f"attn{i}")),
-                  block.ffn_norm.register_forward_hook(keep(f"ffn_in{i}")),
-                  block.ffn.register_forward_hook(keep(f"ffn{i}"))]
-    was_training = model.training
-    model.eval()
-    try:
-        model(tokens)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return [{"layer": i, "moe": block.is_moe,
-             "attn": common_and_spread(captured[f"attn{i}"]),
-             "ffn": common_and_spread(captured[f"ffn{i}"]),
-             "ffn_input_cosine": mean_pairwise_cosine(captured[f"ffn_in{i}"])}
-            for i, block in enumerate(model.layers)]
 
 
 class ProbedTrainer(Trainer):

@@ -9,7 +9,8 @@ import torch
 from moetrain.config import BalanceConfig, MoEConfig
 from moetrain.model import Transformer, balance
 from moetrain.model.moe import MoE
-from moetrain.presets import shipped_model
+from moetrain.presets import SHIPPED_BALANCE, shipped_model
+from moetrain.probes import residual_report
 from tests.unit.reference import naive_route_token
 
 
@@ -228,9 +229,6 @@ def test_sign_rule_stays_available_by_config_and_by_argument():
         BalanceConfig(bias_update="signum").validate()
 
 
-SHIPPED_BALANCE = {"deepseek_tiny": "aux_free", "mixtral_tiny": "switch_aux"}
-
-
 def _first_steps_on_real_text(tmp_path, name: str, overrides: list[str], steps: int,
                               family: str = "deepseek_tiny") -> dict[int, dict]:
     """A tiny family with its shipped balancing (plus `overrides`) on the standard library's
@@ -290,24 +288,6 @@ def test_each_tiny_family_keeps_every_expert_busy_from_step_30_on_real_text(tmp_
     assert sum(worst) / len(worst) < 1.0, worst
 
 
-def _router_inputs(model, tokens: torch.Tensor) -> list[torch.Tensor]:
-    inputs = []
-    hooks = [layer.router.register_forward_pre_hook(
-        lambda module, args: inputs.append(args[0].detach())) for layer in model.moe_layers()]
-    with torch.no_grad():
-        model(tokens)
-    for hook in hooks:
-        hook.remove()
-    return inputs
-
-
-def _mean_pairwise_cosine(x: torch.Tensor) -> float:
-    """Mean cosine similarity over all ordered pairs of rows (self-pairs included): the
-    squared norm of the mean unit vector."""
-    unit = x / x.norm(dim=-1, keepdim=True)
-    return unit.mean(dim=0).norm().item() ** 2
-
-
 def test_default_embedding_init_keeps_router_inputs_of_different_tokens_apart():
     """The cause of the collapsed start: with token embeddings at std 0.02, what the blocks
     add to the residual stream is as large as the token's own embedding, so router inputs of
@@ -320,8 +300,8 @@ def test_default_embedding_init_keeps_router_inputs_of_different_tokens_apart():
     for std in (None, 0.02):
         torch.manual_seed(0)
         cfg = dataclasses.replace(shipped_model("deepseek_tiny"), embed_init_std=std)
-        inputs = _router_inputs(Transformer(cfg), tokens)
-        cosine[std] = max(_mean_pairwise_cosine(x.reshape(-1, x.shape[-1])) for x in inputs)
+        rows = residual_report(Transformer(cfg), tokens)
+        cosine[std] = max(row["ffn_input_cosine"] for row in rows if row["moe"])
     assert cosine[None] < 0.25 < 0.4 < cosine[0.02]
 
 

@@ -1,5 +1,5 @@
-"""scripts/probe_residual.py: its statistics against per-row and per-pair loops, and a
-two-step run that reports every layer on the real corpus."""
+"""The residual-stream instruments of moetrain.probes against per-row and per-pair loops, and
+scripts/probe_residual.py on a two-step run that reports every layer on the real corpus."""
 
 import importlib.util
 import itertools
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from moetrain.probes import common_and_spread, mean_pairwise_cosine
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "probe_residual.py"
 spec = importlib.util.spec_from_file_location("probe_residual", SCRIPT)
@@ -20,13 +22,13 @@ def test_statistics_match_loops():
     x = common + torch.randn(10, 16)
     mean = sum(x[i] for i in range(10)) / 10
     spread = sum((x[i] - mean).norm().item() for i in range(10)) / 10
-    assert probe_residual.common_and_spread(x) == pytest.approx((mean.norm().item(), spread))
+    assert common_and_spread(x) == pytest.approx((mean.norm().item(), spread))
     cosines = [torch.nn.functional.cosine_similarity(x[i], x[j], dim=0).item()
                for i, j in itertools.product(range(10), repeat=2)]
-    assert probe_residual.mean_pairwise_cosine(x) == pytest.approx(sum(cosines) / 100)
+    assert mean_pairwise_cosine(x) == pytest.approx(sum(cosines) / 100)
     same = torch.randn(1, 16).repeat(5, 1)
-    assert probe_residual.common_and_spread(same)[1] == pytest.approx(0, abs=1e-6)
-    assert probe_residual.mean_pairwise_cosine(same) == pytest.approx(1.0)
+    assert common_and_spread(same)[1] == pytest.approx(0, abs=1e-6)
+    assert mean_pairwise_cosine(same) == pytest.approx(1.0)
 
 
 def test_two_steps_report_every_layer(tmp_path, capsys):
