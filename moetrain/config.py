@@ -295,7 +295,8 @@ class DataConfig:
     sample_by: str = "line"
     streaming: bool = False  # stream and pack on the fly (large corpora)
     # byte | a built-in name (moetrain/data/tokenizers/: stdlib-bpe-2048) | a tokenizers JSON
-    # file or a directory holding tokenizer.json (scripts/train_tokenizer.py makes them)
+    # file or a directory holding tokenizer.json (scripts/train_tokenizer.py makes them). Bytes
+    # suit the generated corpus; the real-text configs (configs/data/) pick stdlib-bpe-2048.
     tokenizer: str = "byte"
     seq_len: int = 128
     synthetic_docs: int = 20000

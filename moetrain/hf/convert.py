@@ -219,7 +219,8 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu"):
     """(model with the checkpoint's weights, RunConfig) for one process."""
     directory = Path(directory)
     model_cfg = import_model_config(directory)
-    cfg = RunConfig(model=model_cfg, data=DataConfig(tokenizer=tokenizer_setting(directory)))
+    tokenizer = tokenizer_setting(directory) or "byte"
+    cfg = RunConfig(model=model_cfg, data=DataConfig(tokenizer=tokenizer))
     with torch.device("meta"):
         model = Transformer(model_cfg)
     model.to_empty(device=device)

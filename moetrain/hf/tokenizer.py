@@ -83,11 +83,11 @@ def write_tokenizer(name: str, out_dir: Path, model_max_length: int) -> int:
     return tokenizer.eos_id
 
 
-def tokenizer_setting(directory: Path) -> str:
+def tokenizer_setting(directory: Path) -> str | None:
     """data.tokenizer for a transformers checkpoint directory: `byte` for one moetrain wrote
-    from its bytes tokenizer, else the directory (its tokenizer.json); `byte` if it has none."""
+    from its bytes tokenizer, else the directory (its tokenizer.json); None if it has none."""
     directory = Path(directory)
     config = directory / "tokenizer_config.json"
     if config.is_file() and json.loads(config.read_text()).get(BYTE_MARKER):
         return "byte"
-    return str(directory) if (directory / "tokenizer.json").is_file() else "byte"
+    return str(directory) if (directory / "tokenizer.json").is_file() else None

@@ -84,6 +84,9 @@ class Trainer:
         self.phase = PhaseTimer(cfg.train.time_phases, self.device)
         # Verified collectively: each rank hashes its share of the files.
         self.resumed_from = resolve_resume(cfg.resume, self.run_dir)
+        if self.resumed_from is not None:  # e.g. a bytes run resumed under a BPE default
+            check_same_tokenizer(cfg, load_run_config(self.resumed_from), "resume",
+                                 str(self.resumed_from))
         if lora:  # the frozen base, then (resuming) the adapters and optimizer state
             if init_from is not None:
                 resolve_resume(str(init_from), self.run_dir, field="init_from")  # verifies

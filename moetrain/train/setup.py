@@ -26,29 +26,32 @@ def world_size_from_env() -> int:
 
 
 def apply_init_from_hf(cfg: RunConfig) -> str | None:
-    """With init_from=hf:DIR, the model's architecture (and, unless one is set, the tokenizer)
-    come from that transformers checkpoint; returns DIR, or None for any other init_from."""
+    """With init_from=hf:DIR, the model's architecture and, when DIR has one, its tokenizer
+    (the embeddings are per its token ids, whatever the data config names) come from that
+    transformers checkpoint; returns DIR, or None for any other init_from."""
     if not (cfg.init_from and cfg.init_from.startswith("hf:")):
         return None
     hf_dir = cfg.init_from[3:]
     cfg.model = import_model_config(hf_dir, keep=cfg.model)
-    if cfg.data.tokenizer == "byte" and tokenizer_setting(hf_dir) != "byte":
-        cfg.data.tokenizer = tokenizer_setting(hf_dir)
-        print(f"init_from=hf:{hf_dir}: using its tokenizer (data.tokenizer="
-              f"{cfg.data.tokenizer})", flush=True)
+    theirs, ours = tokenizer_setting(hf_dir), cfg.data.tokenizer
+    if theirs is not None and theirs != ours and not same_tokenizer_file(theirs, ours):
+        cfg.data.tokenizer = theirs
+        print(f"init_from=hf:{hf_dir}: using its tokenizer (data.tokenizer={theirs}), "
+              f"not data.tokenizer={ours}", flush=True)
     return hf_dir
 
 
-def check_same_tokenizer(cfg: RunConfig, base: RunConfig) -> None:
-    """A run starting from a moetrain checkpoint reads text with that checkpoint's tokenizer
-    (its embeddings are per token id); one line saying how, before any data is read."""
+def check_same_tokenizer(cfg: RunConfig, base: RunConfig, field: str = "init_from",
+                         checkpoint: str | None = None) -> None:
+    """A run starting from (or resuming) a moetrain checkpoint reads text with that
+    checkpoint's tokenizer (its embeddings are per token id); one line saying how."""
     ours, theirs = cfg.data.tokenizer, base.data.tokenizer
     if ours == theirs or same_tokenizer_file(ours, theirs):
         return
     raise ValueError(
-        f"init_from={cfg.init_from!r} was trained with data.tokenizer={theirs!r} "
+        f"{field}={checkpoint or cfg.init_from!r} was trained with data.tokenizer={theirs!r} "
         f"(model.vocab_size={base.model.vocab_size}), this run has data.tokenizer={ours!r} "
-        f"(model.vocab_size={cfg.model.vocab_size}); keep the base's: add "
+        f"(model.vocab_size={cfg.model.vocab_size}); keep the checkpoint's: add "
         f"data.tokenizer={theirs} model.vocab_size={base.model.vocab_size}")
 
 

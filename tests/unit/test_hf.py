@@ -362,6 +362,31 @@ def test_init_from_hf_trains_from_the_transformers_weights(tmp_path):
     shutil.rmtree(directory)
 
 
+@pytest.mark.parametrize("ships, run_setting, expected", [
+    ("byte", "stdlib-bpe-2048", "byte"),  # data=local_text's default yields to the checkpoint's
+    ("stdlib-bpe-2048", "byte", "DIR"),
+    ("stdlib-bpe-2048", "stdlib-bpe-2048", "stdlib-bpe-2048"),  # the same file: kept, silent
+    (None, "stdlib-bpe-2048", "stdlib-bpe-2048"),  # a checkpoint without one: the run's own
+])
+def test_init_from_hf_reads_text_with_the_checkpoints_tokenizer(tmp_path, capsys, ships,
+                                                                run_setting, expected):
+    from moetrain.hf.tokenizer import write_tokenizer
+    from moetrain.train import apply_init_from_hf
+    directory = hf_glm4_moe(tmp_path, vocab_size=2048)
+    if ships:
+        write_tokenizer(ships, directory, model_max_length=128)
+    cfg = tiny_run(tmp_path, MoEConfig(router="sigmoid"), BalanceConfig(aux_free=True))
+    cfg.data.tokenizer, cfg.init_from = run_setting, f"hf:{directory}"
+    apply_init_from_hf(cfg)
+    assert cfg.data.tokenizer == (str(directory) if expected == "DIR" else expected)
+    out = capsys.readouterr().out
+    if cfg.data.tokenizer == run_setting:
+        assert "using its tokenizer" not in out
+    else:
+        assert f"using its tokenizer (data.tokenizer={cfg.data.tokenizer}), " \
+               f"not data.tokenizer={run_setting}" in out
+
+
 # --------------------------------------------------------------------------- LoRA export
 def lora_run(tmp_path: Path, base: str, family: str) -> Path:
     from moetrain.config import FinetuneConfig, LoRAConfig

@@ -68,15 +68,21 @@ def test_no_token_dominates_the_held_out_stdlib_text():
     assert byte_top > 0.2 and bpe_top < 0.05
 
 
-def test_python_stdlib_config_sets_the_tokenizer_and_the_vocabulary():
+@pytest.mark.parametrize("data", ["python_stdlib", "local_text", "local_json", "hub"])
+def test_real_text_configs_set_the_bpe_and_the_vocabulary_whatever_the_model(data):
+    """Real text reads the built-in BPE (bytes leave MoE layers unbalanceable for the first
+    steps); the data config sets model.vocab_size with it, over any model config's."""
     from moetrain.train.cli import config_from_overrides
+    path = [] if data == "python_stdlib" else ["data.path=x"]
     for model in ("mixtral_tiny", "deepseek_tiny", "dense_tiny"):
-        cfg = config_from_overrides([f"model={model}", "data=python_stdlib"])
-        assert (cfg.data.tokenizer, cfg.model.vocab_size) == ("stdlib-bpe-2048", 2048)
-    cfg = config_from_overrides(["data=python_stdlib", "data.tokenizer=byte",
+        for order in ([f"model={model}", f"data={data}"], [f"data={data}", f"model={model}"]):
+            cfg = config_from_overrides([*order, *path])
+            assert (cfg.data.tokenizer, cfg.model.vocab_size) == ("stdlib-bpe-2048", 2048)
+    cfg = config_from_overrides([f"data={data}", *path, "data.tokenizer=byte",
                                  "model.vocab_size=256"])
     assert (cfg.data.tokenizer, cfg.model.vocab_size) == ("byte", 256)
     assert config_from_overrides(["data=synthetic"]).model.vocab_size == 256
+    assert config_from_overrides(["data=synthetic"]).data.tokenizer == "byte"
 
 
 def test_packing_with_a_bpe_matches_encoding_each_document():

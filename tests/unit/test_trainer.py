@@ -307,6 +307,14 @@ def test_a_run_from_a_checkpoint_must_keep_its_tokenizer(tmp_path):
     with pytest.raises(ValueError, match=r"was trained with data.tokenizer='byte' \(model."
                        r"vocab_size=256\), .*add data.tokenizer=byte model.vocab_size=256$"):
         Trainer(cfg)
+    # resuming it under another tokenizer (a bytes run after the default became a BPE)
+    resumed = tiny_run(tmp_path, steps=2)
+    resumed.resume = "auto"
+    resumed.data.tokenizer, resumed.model.vocab_size = "stdlib-bpe-2048", 2048
+    step_1 = tmp_path / "run" / "checkpoints" / "step_00000001"
+    with pytest.raises(ValueError, match=rf"^resume='{step_1}' was trained with data.tokenizer="
+                       r"'byte' .*add data.tokenizer=byte model.vocab_size=256$"):
+        Trainer(resumed)
     # the same tokenizer.json under another name (an export's copy) is the same tokenizer
     copy = tmp_path / "copy"
     shutil.copytree(BUILTIN_DIR / "stdlib-bpe-2048", copy)
