@@ -5,8 +5,9 @@ compared when the default was chosen), then one table.
     .venv/bin/python scripts/bench_balance_start.py [--data-path FILE] [--steps 300]
         [--seeds 0 1] [--jobs 2] [--sets old new alternatives] [--out DIR] [-- hydra overrides]
 
-Data: --data-path, a text file (read with data.sample_by=document), or else data=python_stdlib
-(the running Python's standard library sources). Every run is one process
+Data: --data-path, a text file (data=local_text with its built-in BPE, and --sample-by, by
+default document), or else data=python_stdlib (the running Python's standard library
+sources). Every run is one process
 (`python -m moetrain.train`, OMP_NUM_THREADS=1, its output in OUT/<run>/log.txt), --jobs at a
 time; variants that compose to the same model.balance run once. Each run logs the global expert
 loads every step and validates every 50 steps and at the end on --val-batches batches (the
