@@ -38,9 +38,12 @@ def tokenizer_file(name: str) -> Path:
     return file
 
 
-def same_tokenizer_file(a: str, b: str) -> bool:
-    """Whether two data.tokenizer settings name tokenizer.json files with the same contents
-    (e.g. a built-in name and the copy an export wrote); False for `byte` or a missing file."""
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two data.tokenizer settings give the same token ids: equal settings, or
+    tokenizer.json files with the same contents (e.g. a built-in name and the copy an export
+    wrote); False for `byte` against a file, or a missing file."""
+    if a == b:
+        return True
     try:
         return "byte" not in (a, b) and (
             tokenizer_file(a).read_bytes() == tokenizer_file(b).read_bytes())

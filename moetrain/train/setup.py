@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config import RunConfig
-from moetrain.data.tokenizer import same_tokenizer_file
+from moetrain.data.tokenizer import same_tokenizer
 from moetrain.hf.convert import import_model_config
 from moetrain.hf.tokenizer import tokenizer_setting
 from moetrain.model import Transformer, num_params
@@ -34,7 +34,7 @@ def apply_init_from_hf(cfg: RunConfig) -> str | None:
     hf_dir = cfg.init_from[3:]
     cfg.model = import_model_config(hf_dir, keep=cfg.model)
     theirs, ours = tokenizer_setting(hf_dir), cfg.data.tokenizer
-    if theirs is not None and theirs != ours and not same_tokenizer_file(theirs, ours):
+    if theirs is not None and not same_tokenizer(theirs, ours):
         cfg.data.tokenizer = theirs
         print(f"init_from=hf:{hf_dir}: using its tokenizer (data.tokenizer={theirs}), "
               f"not data.tokenizer={ours}", flush=True)
@@ -46,7 +46,7 @@ def check_same_tokenizer(cfg: RunConfig, base: RunConfig, field: str = "init_fro
     """A run starting from (or resuming) a moetrain checkpoint reads text with that
     checkpoint's tokenizer (its embeddings are per token id); one line saying how."""
     ours, theirs = cfg.data.tokenizer, base.data.tokenizer
-    if ours == theirs or same_tokenizer_file(ours, theirs):
+    if same_tokenizer(ours, theirs):
         return
     raise ValueError(
         f"{field}={checkpoint or cfg.init_from!r} was trained with data.tokenizer={theirs!r} "

@@ -297,7 +297,7 @@ def test_a_run_from_a_checkpoint_must_keep_its_tokenizer(tmp_path):
     refused in one line naming the fix, before any data is read."""
     import shutil
 
-    from moetrain.data.tokenizer import BUILTIN_DIR, same_tokenizer_file
+    from moetrain.data.tokenizer import BUILTIN_DIR, same_tokenizer
     base = tiny_run(tmp_path, steps=1)
     Trainer(base).fit()
     cfg = tiny_run(tmp_path / "ft", steps=1)
@@ -320,9 +320,9 @@ def test_a_run_from_a_checkpoint_must_keep_its_tokenizer(tmp_path):
     # the same tokenizer.json under another name (an export's copy) is the same tokenizer
     copy = tmp_path / "copy"
     shutil.copytree(BUILTIN_DIR / "stdlib-bpe-2048", copy)
-    assert same_tokenizer_file("stdlib-bpe-2048", str(copy))
-    assert not same_tokenizer_file("stdlib-bpe-2048", "byte")
-    assert not same_tokenizer_file("stdlib-bpe-2048", str(tmp_path / "missing"))
+    assert same_tokenizer("stdlib-bpe-2048", str(copy))
+    assert not same_tokenizer("stdlib-bpe-2048", "byte") and same_tokenizer("byte", "byte")
+    assert not same_tokenizer("stdlib-bpe-2048", str(tmp_path / "missing"))
 
 
 def test_validation_builds_no_autograd_graph(tmp_path):
