@@ -82,9 +82,15 @@ def bench_moe_layers() -> dict[str, MoEConfig]:
 SHIPPED_BALANCE = {"mixtral_tiny": "switch_aux", "deepseek_tiny": "aux_free", "dense_tiny": "none"}
 
 
-def shipped_model(name: str) -> ModelConfig:
-    """The values of configs/model/<name>.yaml over ModelConfig's defaults (no balance group
-    applied, unlike Hydra's composition), for a repository checkout: configs/ is not installed
-    with the package."""
+def shipped_model(name: str, with_balance: bool = False) -> ModelConfig:
+    """The values of configs/model/<name>.yaml over ModelConfig's defaults, for a repository
+    checkout: configs/ is not installed with the package. Hydra's composition also applies a
+    balance group; with_balance applies the one the model ships with (SHIPPED_BALANCE)."""
     values = OmegaConf.load(MODEL_CONFIG_DIR / f"{name}.yaml")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
+    if with_balance:
+        group = OmegaConf.load(MODEL_CONFIG_DIR.parent / "balance" /
+                               f"{SHIPPED_BALANCE.get(name, 'none')}.yaml")
+        cfg.balance = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BalanceConfig),
+                                                          group))
+    return cfg

@@ -4,6 +4,7 @@ active FLOPs, measured in one run.
 
     .venv/bin/python scripts/profile_moe.py [--configs E64k8 E64k8s1 E8k2] [--tokens 4096]
         [--dim 512] [--steps 5] [--top 15]
+    .venv/bin/python scripts/profile_moe.py --models mixtral_tiny deepseek_tiny  # whole steps
 
 For each config: one table of milliseconds per forward + backward by kind (the dense layer's
 beside it, and the difference: the MoE's overhead), then the MoE's top ops by self time. Kinds
@@ -11,6 +12,10 @@ are assigned by op name (KINDS below); an op that no kind names counts as "other
 holds the Python of the CPU expert walk (the self time of `_SwiGLUExpertsCPU[Backward]`).
 Profiling adds a few microseconds per op, so the absolute times run above bench_moe.py's;
 compare kinds, not totals, across scripts.
+
+With --models, the same tables for whole training steps (forward, loss and backward, which is
+almost all of a step: scripts/bench_train.py times the phases) of each shipped tiny MoE with its
+shipped balance group, against dense_tiny.
 
 On CUDA the layers run in bf16 and the tables hold each op's self *device* time (its kernels),
 with the wall time per forward + backward beside them: the gap between the two is launch and
@@ -24,13 +29,15 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from moetrain.config import BalanceConfig
 from moetrain.model.experts import SwiGLU
 from moetrain.model.moe import MoE
-from moetrain.presets import bench_moe_layers
+from moetrain.model.transformer import Transformer
+from moetrain.presets import bench_moe_layers, shipped_model
 
 CONFIGS = bench_moe_layers()
 
@@ -104,63 +111,102 @@ def op_events(events):
     return [e for e in events if e.device_type == DeviceType.CPU]
 
 
+def layer_steps(cfg, tokens: int, dim: int, device, dtype):
+    """Forward + backward of the MoE layer and of the dense SwiGLU of the same active FLOPs."""
+    moe = MoE(dim, cfg, BalanceConfig()).to(device)
+    moe.init_weights(0.02)
+    dense = SwiGLU(dim, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden).to(device)
+    dense.init_weights(0.02)
+    moe, dense = moe.to(dtype), dense.to(dtype)
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype, requires_grad=True)
+
+    def moe_step():  # fresh gradients, as after the trainer's zero_grad(set_to_none=True)
+        moe.zero_grad(set_to_none=True)
+        out, aux = moe(x)
+        (out.sum() + aux).backward()
+
+    def dense_step():
+        dense.zero_grad(set_to_none=True)
+        dense(x).sum().backward()
+    return moe_step, dense_step
+
+
+def model_step(name: str, batch: int, seq_len: int, device):
+    """Forward, loss and backward of a shipped model with its shipped balance group (what a
+    training step runs between data and optimizer) on random tokens; bf16 autocast on CUDA."""
+    model = Transformer(shipped_model(name, with_balance=True)).to(device).train()
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1), device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            logits, aux = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        (loss + aux).backward()
+    return step
+
+
+def report(title: str, moe_step, dense_step, names: tuple[str, str], steps: int, top: int,
+           cuda: bool) -> None:
+    """The table by kind of both steps' self time, the difference, and moe_step's top ops."""
+    moe_events = profiled(moe_step, steps, cuda)
+    dense_kinds = by_kind(profiled(dense_step, steps, cuda), steps, cuda)
+    moe_kinds = by_kind(moe_events, steps, cuda)
+    moe_name, dense_name = names
+    print(f"\n{title}")
+    print(f"{'kind':40s} {moe_name:>13s} {dense_name:>13s} {'difference':>12s}")
+    kinds = sorted(set(moe_kinds) | set(dense_kinds), key=lambda k: -moe_kinds.get(k, 0))
+    for kind in kinds:
+        m, d = moe_kinds.get(kind, 0.0), dense_kinds.get(kind, 0.0)
+        print(f"{kind:40s} {m:13.2f} {d:13.2f} {m - d:+12.2f}")
+    m_total, d_total = sum(moe_kinds.values()), sum(dense_kinds.values())
+    print(f"{'total':40s} {m_total:13.2f} {d_total:13.2f} {m_total - d_total:+12.2f}"
+          f"   ({moe_name} / {dense_name} {m_total / d_total:.2f})")
+    if cuda:
+        m_wall, d_wall = wall_ms(moe_step, steps, cuda), wall_ms(dense_step, steps, cuda)
+        print(f"{'wall time (unprofiled)':40s} {m_wall:13.2f} {d_wall:13.2f} "
+              f"{m_wall - d_wall:+12.2f}   ({moe_name} / {dense_name} {m_wall / d_wall:.2f})")
+    print(f"\ntop {top} {moe_name} ops by self time (ms per step, calls per step):")
+    for event in sorted(op_events(moe_events), key=lambda e: -self_us(e, cuda))[:top]:
+        print(f"  {event.key:50s} {self_us(event, cuda) / 1e3 / steps:9.3f}"
+              f" {event.count / steps:8.0f}  {kind_of(event.key)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--models", nargs="+", choices=("mixtral_tiny", "deepseek_tiny"),
+                        help="profile whole training steps of these shipped models instead, "
+                             "each against dense_tiny (the same active compute)")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="with --models: sequences per step (bench_train's micro-batch)")
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    where = (f"bf16 on {torch.cuda.get_device_name()}" if cuda
+             else f"fp32, {torch.get_num_threads()} threads")
+    unit = f"self {'device' if cuda else 'CPU'} time"
     torch.manual_seed(0)
+    if args.models:
+        dense_step = model_step("dense_tiny", args.batch, args.seq_len, device)
+        for name in args.models:
+            title = (f"{name} against dense_tiny: forward, loss and backward of "
+                     f"{args.batch} x {args.seq_len} tokens, {where}; ms per step ({unit})")
+            report(title, model_step(name, args.batch, args.seq_len, device), dense_step,
+                   (name, "dense_tiny"), args.steps, args.top, cuda)
+        return
     for name in args.configs:
         cfg = CONFIGS[name]
-        moe = MoE(args.dim, cfg, BalanceConfig()).to(device)
-        moe.init_weights(0.02)
-        dense = SwiGLU(args.dim, (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden
-                       ).to(device)
-        dense.init_weights(0.02)
-        moe, dense = moe.to(dtype), dense.to(dtype)
-        x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype,
-                        requires_grad=True)
-
-        def moe_step():  # fresh gradients, as after the trainer's zero_grad(set_to_none=True)
-            moe.zero_grad(set_to_none=True)
-            out, aux = moe(x)
-            (out.sum() + aux).backward()
-
-        def dense_step():
-            dense.zero_grad(set_to_none=True)
-            dense(x).sum().backward()
-
-        moe_events = profiled(moe_step, args.steps, cuda)
-        dense_kinds = by_kind(profiled(dense_step, args.steps, cuda), args.steps, cuda)
-        moe_kinds = by_kind(moe_events, args.steps, cuda)
-        where = (f"bf16 on {torch.cuda.get_device_name()}" if cuda
-                 else f"fp32, {torch.get_num_threads()} threads")
-        print(f"\n{name}: {cfg.num_experts} experts of {cfg.expert_hidden}, top-{cfg.top_k}, "
-              f"{cfg.n_shared_experts} shared; {args.tokens} tokens x {args.dim}, {where}; "
-              f"ms per forward + backward (self {'device' if cuda else 'CPU'} time)")
-        print(f"{'kind':40s} {'MoE':>9s} {'dense':>9s} {'MoE - dense':>12s}")
-        kinds = sorted(set(moe_kinds) | set(dense_kinds), key=lambda k: -moe_kinds.get(k, 0))
-        for kind in kinds:
-            m, d = moe_kinds.get(kind, 0.0), dense_kinds.get(kind, 0.0)
-            print(f"{kind:40s} {m:9.2f} {d:9.2f} {m - d:+12.2f}")
-        m_total, d_total = sum(moe_kinds.values()), sum(dense_kinds.values())
-        print(f"{'total':40s} {m_total:9.2f} {d_total:9.2f} {m_total - d_total:+12.2f}"
-              f"   (MoE / dense {m_total / d_total:.2f})")
-        if cuda:
-            m_wall, d_wall = wall_ms(moe_step, args.steps, cuda), wall_ms(dense_step, args.steps,
-                                                                          cuda)
-            print(f"{'wall time (unprofiled)':40s} {m_wall:9.2f} {d_wall:9.2f} "
-                  f"{m_wall - d_wall:+12.2f}   (MoE / dense {m_wall / d_wall:.2f})")
-        print(f"\ntop {args.top} MoE ops by self time (ms per forward + backward, calls per "
-              "forward + backward):")
-        for event in sorted(op_events(moe_events), key=lambda e: -self_us(e, cuda))[:args.top]:
-            print(f"  {event.key:50s} {self_us(event, cuda) / 1e3 / args.steps:9.3f}"
-                  f" {event.count / args.steps:8.0f}  {kind_of(event.key)}")
+        title = (f"{name}: {cfg.num_experts} experts of {cfg.expert_hidden}, top-{cfg.top_k}, "
+                 f"{cfg.n_shared_experts} shared; {args.tokens} tokens x {args.dim}, {where}; "
+                 f"ms per forward + backward ({unit})")
+        moe_step, dense_step = layer_steps(cfg, args.tokens, args.dim, device, dtype)
+        report(title, moe_step, dense_step, ("MoE", "dense"), args.steps, args.top, cuda)
 
 
 if __name__ == "__main__":

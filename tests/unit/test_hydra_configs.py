@@ -46,6 +46,13 @@ def test_every_model_and_balance_composes(model, balance):
     load(f"model={model}", f"balance={balance}").validate(world_size=1)
 
 
+@pytest.mark.parametrize("model", ["mixtral_tiny", "deepseek_tiny", "dense_tiny"])
+def test_shipped_model_is_what_hydra_composes_with_the_shipped_balance(model):
+    from moetrain.presets import SHIPPED_BALANCE, shipped_model
+    assert shipped_model(model, with_balance=True) == load(
+        f"model={model}", f"balance={SHIPPED_BALANCE[model]}").model
+
+
 def test_dense_tiny_matches_mixtral_tiny_active_parameters():
     from moetrain.model import Transformer, num_params
     import torch

@@ -34,3 +34,14 @@ def test_kinds_add_up_to_the_profiled_self_time_and_a_tiny_layer_runs(monkeypatc
     out = capsys.readouterr().out
     assert "E8k2: 8 experts of 1024, top-2" in out and "(MoE / dense " in out
     assert "row gather / scatter-add" in out
+
+
+def test_whole_steps_of_the_shipped_models_profile_against_dense_tiny(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_moe.py", "--models", "deepseek_tiny", "--batch",
+                                      "2", "--seq-len", "8", "--steps", "1", "--top", "40"])
+    profile_moe.main()
+    out = capsys.readouterr().out
+    assert "deepseek_tiny against dense_tiny: forward, loss and backward of 2 x 8 tokens" in out
+    assert "(deepseek_tiny / dense_tiny " in out
+    top = out.split("ops by self time")[1]  # the MoE step's ops: the router and the walk
+    assert "_SwiGLUExpertsCPUBackward" in top and "aten::topk" in top
