@@ -147,10 +147,13 @@ def model_step(name: str, batch: int, seq_len: int, device):
 
 
 def report(title: str, moe_step, dense_step, names: tuple[str, str], steps: int, top: int,
-           cuda: bool) -> None:
-    """The table by kind of both steps' self time, the difference, and moe_step's top ops."""
+           cuda: bool, dense_events=None) -> None:
+    """The table by kind of both steps' self time, the difference, and moe_step's top ops
+    (dense_events: dense_step's profile when it was taken already)."""
     moe_events = profiled(moe_step, steps, cuda)
-    dense_kinds = by_kind(profiled(dense_step, steps, cuda), steps, cuda)
+    if dense_events is None:
+        dense_events = profiled(dense_step, steps, cuda)
+    dense_kinds = by_kind(dense_events, steps, cuda)
     moe_kinds = by_kind(moe_events, steps, cuda)
     moe_name, dense_name = names
     print(f"\n{title}")
@@ -194,11 +197,12 @@ def main():
     torch.manual_seed(0)
     if args.models:
         dense_step = model_step("dense_tiny", args.batch, args.seq_len, device)
+        dense_events = profiled(dense_step, args.steps, cuda)  # one baseline for every model
         for name in args.models:
             title = (f"{name} against dense_tiny: forward, loss and backward of "
                      f"{args.batch} x {args.seq_len} tokens, {where}; ms per step ({unit})")
             report(title, model_step(name, args.batch, args.seq_len, device), dense_step,
-                   (name, "dense_tiny"), args.steps, args.top, cuda)
+                   (name, "dense_tiny"), args.steps, args.top, cuda, dense_events)
         return
     for name in args.configs:
         cfg = CONFIGS[name]
