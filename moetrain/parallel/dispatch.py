@@ -8,8 +8,9 @@ Experts are sharded in contiguous blocks: rank r of the ep group holds global ex
      pair, so a token whose top-k experts share a rank crosses the wire once.
   2. all-to-all the counts (units and assignments per rank), then, with uneven splits,
      the unit rows, the assignments' gate weights and their (local expert, unit) indices.
-  3. the receiver expands units to assignment rows sorted by local expert, runs its experts,
-     sums the gate-weighted outputs of each unit and sends units back (the reverse exchange).
+  3. the receiver's experts take each received assignment's row from its unit (sorted by
+     local expert), and the gate-weighted outputs of each unit are summed and sent back (the
+     reverse exchange); `run` lets the experts gather and sum themselves, as in one process.
   4. the sender scatter-adds returned units into their tokens.
 
 Autograd: every data exchange is `_AllToAll`, whose backward is the reverse exchange, so
@@ -74,7 +75,11 @@ class AllToAllDispatcher:
         # Rows and assignments the last dispatch sent, by destination rank (for benchmarks).
         self.last_sent = {"rows": [], "assignments": []}
 
-    def dispatch(self, x, token_ids, expert_ids, weights) -> AllToAllDispatched:
+    def dispatch(self, x, token_ids, expert_ids, weights, expand: bool = True
+                 ) -> AllToAllDispatched:
+        """Steps 1-2 and the expansion of step 3: expert_input (A, D), one row per received
+        assignment, sorted by local expert. expand=False leaves expert_input the (R, D)
+        received units, which recv_rows index."""
         N = x.shape[0]
         P, device = self.ep_size, x.device
         local_experts = self.num_local_experts
@@ -123,25 +128,34 @@ class AllToAllDispatcher:
         tokens_per_local_expert = count_per_expert(local_expert, local_experts)
         self.last_sent = {"rows": unit_send, "assignments": assign_send}
         return AllToAllDispatched(
-            expert_input=recv_units.index_select(0, row), gates=recv_weights[perm],
+            expert_input=recv_units.index_select(0, row) if expand else recv_units,
+            gates=recv_weights[perm],
             tokens_per_expert=tokens_per_local_expert, token_ids=unit_token, num_tokens=N,
             recv_rows=row, num_recv_units=recv_units.shape[0], units_sent=unit_send,
             units_received=unit_recv)
 
     def run(self, experts, x, token_ids, expert_ids, weights, top_k: int = 0):
-        """dispatch -> this rank's experts -> combine: (N, D) routed output. (top_k: see
-        LocalDispatcher.run; the exchange needs no such promise.)"""
-        dispatched = self.dispatch(x, token_ids, expert_ids, weights)
-        expert_output = experts(dispatched.expert_input, dispatched.tokens_per_expert,
-                                dispatched.gates)
-        return self.combine(expert_output, dispatched)
+        """dispatch -> this rank's experts -> combine: (N, D) routed output. The experts
+        gather their rows from the received units and sum each unit's gate-weighted outputs
+        themselves (GroupedExperts with row_ids), as in one process: no (A, D) copy of the
+        rows or of the outputs. (top_k: see LocalDispatcher.run; the exchange needs no such
+        promise.)"""
+        received = self.dispatch(x, token_ids, expert_ids, weights, expand=False)
+        unit_out = experts(received.expert_input, received.tokens_per_expert, received.gates,
+                           row_ids=received.recv_rows)  # (R, D)
+        return self._send_back(unit_out, received)
 
     def combine(self, expert_output, dispatched: AllToAllDispatched):
+        """expert_output (A, D) in `dispatch` order -> routed output (N, D)."""
         D = expert_output.shape[-1]
         # Sum each unit's gate-weighted expert outputs here, before the wire (dedup's saving).
         unit_out = expert_output.new_zeros(dispatched.num_recv_units, D).index_add(
             0, dispatched.recv_rows, expert_output)
+        return self._send_back(unit_out, dispatched)
+
+    def _send_back(self, unit_out, dispatched: AllToAllDispatched):
+        """Step 4: (R, D) unit outputs back to their senders, added into their tokens."""
         returned = all_to_all(unit_out, dispatched.units_sent, dispatched.units_received,
                               self.group)  # (U, D)
-        return returned.new_zeros(dispatched.num_tokens, D).index_add(
+        return returned.new_zeros(dispatched.num_tokens, unit_out.shape[-1]).index_add(
             0, dispatched.token_ids, returned)

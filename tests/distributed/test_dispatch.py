@@ -82,3 +82,44 @@ def test_all_to_all_dispatch_and_combine_equal_the_local_permutation(dedup, drop
             torch.testing.assert_close(exchanged[key], local[key], rtol=1e-6, atol=1e-7,
                                        msg=f"rank {rank} {key}")
         assert local["out"].abs().sum() > 0 and local["grad_w"].abs().sum() > 0
+
+
+def run_with_experts(rank, world, dedup: bool, drop_every: int) -> dict:
+    """`run` hands the experts the received units and their rows (the gathered expert walk),
+    instead of dispatch's expanded rows: the same outputs and gradients as one process, the
+    experts' weight gradients included (this rank's block of them)."""
+    from moetrain.model.experts import GroupedExperts
+    torch.manual_seed(0)  # the same full experts on every rank
+    full = GroupedExperts(E, D, 6).double()
+    full.init_weights(0.5)
+    local = GroupedExperts(E // world, D, 6).double()
+    block = slice(rank * (E // world), (rank + 1) * (E // world))
+    local.load_state_dict({k: v[block] for k, v in full.state_dict().items()})
+    results = {}
+    for name, experts, dispatcher in (
+            ("local", full, LocalDispatcher(E)),
+            ("all_to_all", local, AllToAllDispatcher(dist.group.WORLD, E // world, dedup))):
+        x, token_ids, expert_ids, weights, keep = routed(rank, drop_every)
+        x, weights = (x.detach().double().requires_grad_(), weights.detach().double()
+                      .requires_grad_())
+        out = dispatcher.run(experts, x, token_ids, expert_ids, weights[keep])
+        (out * torch.arange(1.0, D + 1, dtype=torch.float64)).sum().backward()
+        grads = [p.grad for p in experts.parameters()]
+        if name == "local":  # all ranks' tokens through one set of experts: the sum over
+            for g in grads:  # ranks, of which this rank holds a block under EP
+                dist.all_reduce(g)
+            grads = [g[block] for g in grads]
+        results[name] = {"out": out.detach(), "grad_x": x.grad, "grad_w": weights.grad,
+                         "grad_experts": grads}
+    return results
+
+
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "nodedup"])
+def test_run_lets_the_experts_gather_from_the_received_units(dedup):
+    for rank, r in enumerate(run_distributed(run_with_experts, 2, dedup, 4)):
+        local, exchanged = r["local"], r["all_to_all"]
+        for key in ("out", "grad_x", "grad_w"):
+            torch.testing.assert_close(exchanged[key], local[key], msg=f"rank {rank} {key}")
+        for g, g_ref in zip(exchanged["grad_experts"], local["grad_experts"]):
+            torch.testing.assert_close(g, g_ref, msg=f"rank {rank} expert gradients")
+            assert g.abs().sum() > 0
