@@ -92,12 +92,12 @@ def swiglu_matmuls(ffns: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tenso
         start += n
 
     def step():
-        for (n, w_gate, w_up, w_down), r in zip(ffns, spans):
+        for (_, w_gate, w_up, w_down), r in zip(ffns, spans):
             H = w_gate.shape[0]
             torch.mm(x[r], w_gate.detach().t(), out=a[r, :H])
             torch.mm(x[r], w_up.detach().t(), out=b[r, :H])
             torch.mm(h[r, :H], w_down.detach().t(), out=y[r])
-        for (n, w_gate, w_up, w_down), r, (g_gate, g_up, g_down) in zip(ffns, spans, grads):
+        for (_, w_gate, w_up, w_down), r, (g_gate, g_up, g_down) in zip(ffns, spans, grads):
             H = w_gate.shape[0]
             torch.mm(dy[r], w_down.detach(), out=dh[r, :H])
             torch.mm(dy[r].t(), h[r, :H], out=g_down)
@@ -114,10 +114,11 @@ def matmul_steps(moe: MoE, dense: SwiGLU, x: torch.Tensor) -> dict:
     with torch.no_grad():
         counts = torch.bincount(moe.router(x_flat).expert_ids,
                                 minlength=moe.cfg.num_experts).tolist()
-    ex = moe.experts
+    ex, shared = moe.experts, moe.shared_experts
     ffns = [(n, ex.w_gate[e], ex.w_up[e], ex.w_down[e]) for e, n in enumerate(counts)]
-    for ffn in [moe.shared_experts] if moe.shared_experts is not None else []:
-        ffns.append((x_flat.shape[0], ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight))
+    if shared is not None:
+        ffns.append((x_flat.shape[0], shared.w_gate.weight, shared.w_up.weight,
+                     shared.w_down.weight))
     return {"moe_matmuls": swiglu_matmuls(ffns),
             "dense_matmuls": swiglu_matmuls([(x_flat.shape[0], dense.w_gate.weight,
                                               dense.w_up.weight, dense.w_down.weight)])}
@@ -206,7 +207,8 @@ def main():
         if "moe_matmuls" in times:
             mm_moe, mm_dense = times["moe_matmuls"], times["dense_matmuls"]
             result.update({
-                "moe_matmul_ms": round(1e3 * mm_moe, 2), "dense_matmul_ms": round(1e3 * mm_dense, 2),
+                "moe_matmul_ms": round(1e3 * mm_moe, 2),
+                "dense_matmul_ms": round(1e3 * mm_dense, 2),
                 "matmul_vs_dense": round(mm_moe / mm_dense, 3),
                 # the layer's ratio if everything but its matmuls cost what the dense layer's does
                 "matmul_floor_vs_dense": round((mm_moe + t_dense - mm_dense) / t_dense, 3),

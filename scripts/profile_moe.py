@@ -15,7 +15,8 @@ compare kinds, not totals, across scripts.
 
 With --models, the same tables for whole training steps (forward, loss and backward, which is
 almost all of a step: scripts/bench_train.py times the phases) of each shipped tiny MoE with its
-shipped balance group, against dense_tiny.
+shipped balance group, against dense_tiny. One model per run gives steadier figures: in one
+process a model's large ops can run slower after another model's (glibc's heap state).
 
 On CUDA the layers run in bf16 and the tables hold each op's self *device* time (its kernels),
 with the wall time per forward + backward beside them: the gap between the two is launch and
