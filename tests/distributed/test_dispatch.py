@@ -3,7 +3,9 @@
 Every rank routes its own tokens to random experts; a stand-in expert (row * gate * (global
 expert id + 1)) runs on the rows each dispatcher hands over. The exchanged run must give each
 rank the output, the gradients of its tokens and gates, and the per-expert counts of the local
-run, with and without dedup, for token-choice (k per token) and uneven assignments.
+run, with and without dedup, for token-choice (k per token) and uneven assignments. `run`,
+where real experts gather their rows from the received units themselves, must match one
+process running the full set of experts, their weight gradients included.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moetrain.model.experts import GroupedExperts
 from moetrain.model.moe import LocalDispatcher
 from moetrain.parallel.dispatch import AllToAllDispatcher
 from tests.distributed.launcher import run_distributed
@@ -88,7 +91,6 @@ def run_with_experts(rank, world, dedup: bool, drop_every: int) -> dict:
     """`run` hands the experts the received units and their rows (the gathered expert walk),
     instead of dispatch's expanded rows: the same outputs and gradients as one process, the
     experts' weight gradients included (this rank's block of them)."""
-    from moetrain.model.experts import GroupedExperts
     torch.manual_seed(0)  # the same full experts on every rank
     full = GroupedExperts(E, D, 6).double()
     full.init_weights(0.5)
