@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from moetrain.config import BalanceConfig
 from moetrain.model.experts import SwiGLU
-from moetrain.model.moe import MoE
+from moetrain.model.moe import MoE, count_per_expert
 from moetrain.presets import bench_moe_layers
 
 CONFIGS = bench_moe_layers()
@@ -112,8 +112,7 @@ def matmul_steps(moe: MoE, dense: SwiGLU, x: torch.Tensor) -> dict:
     router gives it on x (and the shared experts with every token), and of the dense layer."""
     x_flat = x.detach().view(-1, x.shape[-1])
     with torch.no_grad():
-        counts = torch.bincount(moe.router(x_flat).expert_ids,
-                                minlength=moe.cfg.num_experts).tolist()
+        counts = count_per_expert(moe.router(x_flat).expert_ids, moe.cfg.num_experts).tolist()
     ex, shared = moe.experts, moe.shared_experts
     ffns = [(n, ex.w_gate[e], ex.w_up[e], ex.w_down[e]) for e, n in enumerate(counts)]
     if shared is not None:
