@@ -44,17 +44,19 @@ class Trainer:
         hf_dir = apply_init_from_hf(cfg)
         cfg.validate(world)
         self.cfg = cfg
-        # An explicit checkpoint path is checked on every rank, before any collective.
+        # An explicit checkpoint path is checked on every rank, before any collective and
+        # before any data is read (tokenizing a corpus under the wrong tokenizer is wasted).
         init_from = (checked_path(cfg.init_from, "init_from")
                      if cfg.init_from and hf_dir is None else None)
         if init_from is not None:
             check_same_tokenizer(cfg, load_run_config(init_from))
+        if cfg.resume not in (None, "auto"):
+            resume = checked_path(cfg.resume)
+            check_same_tokenizer(cfg, load_run_config(resume), "resume", str(resume))
         self.data, self.val_blocks = build_data(
             cfg.data, cfg.train.micro_batch_size, int(os.environ.get("RANK", "0")), world,
             cfg.model.vocab_size, cfg.train.grad_accum)
         self._val_bytes_per_token = None
-        if cfg.resume not in (None, "auto"):
-            checked_path(cfg.resume)
         lora = cfg.finetune.lora.enabled
         if lora and init_from is not None:
             check_lora_base(cfg.init_from)
@@ -84,7 +86,9 @@ class Trainer:
         self.phase = PhaseTimer(cfg.train.time_phases, self.device)
         # Verified collectively: each rank hashes its share of the files.
         self.resumed_from = resolve_resume(cfg.resume, self.run_dir)
-        if self.resumed_from is not None:  # e.g. a bytes run resumed under a BPE default
+        # resume=auto finds its checkpoint only here (an explicit path was checked above): e.g.
+        # a bytes run resumed after the default became a BPE
+        if cfg.resume == "auto" and self.resumed_from is not None:
             check_same_tokenizer(cfg, load_run_config(self.resumed_from), "resume",
                                  str(self.resumed_from))
         if lora:  # the frozen base, then (resuming) the adapters and optimizer state

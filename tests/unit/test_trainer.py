@@ -317,6 +317,13 @@ def test_a_run_from_a_checkpoint_must_keep_its_tokenizer(tmp_path):
                        r"with data.tokenizer='byte' .*add data.tokenizer=byte "
                        r"model.vocab_size=256$"):
         Trainer(resumed)
+    # named explicitly, it is refused before the data is read (the missing file again)
+    resumed.resume = str(step_1)
+    resumed.data.source, resumed.data.path = "text", str(tmp_path / "never-read.txt")
+    with pytest.raises(ValueError, match=rf"^resume='{re.escape(str(step_1))}' was trained "
+                       r"with data.tokenizer='byte' .*add data.tokenizer=byte "
+                       r"model.vocab_size=256$"):
+        Trainer(resumed)
     # the same tokenizer.json under another name (an export's copy) is the same tokenizer
     copy = tmp_path / "copy"
     shutil.copytree(BUILTIN_DIR / "stdlib-bpe-2048", copy)
