@@ -49,7 +49,8 @@ def test_moe_forward_and_gradients_match_per_token_loop(case):
         if g_ref is None:
             g_ref = torch.zeros_like(g)
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
-    assert any(g.abs().sum() > 0 for g in grads[1:2])  # the router learns
+    # the router learns through its gate weights (equal to the loop's, and not all zero)
+    assert dict(zip(names, grads))["router.weight"].abs().sum() > 0
 
 
 def test_capacity_drops_are_counted_and_dropless_drops_nothing():
