@@ -30,11 +30,11 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from moetrain.config import BalanceConfig
+from moetrain.loss import next_token_loss
 from moetrain.model.experts import SwiGLU
 from moetrain.model.moe import MoE
 from moetrain.model.transformer import Transformer
@@ -142,8 +142,7 @@ def model_step(name: str, batch: int, seq_len: int, device):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
             logits, aux = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        (loss + aux).backward()
+        (next_token_loss(logits, tokens) + aux).backward()
     return step
 
 
