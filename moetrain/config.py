@@ -21,6 +21,10 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_choice(key: str, value, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
 @dataclass
 class BalanceConfig:
     """Load balancing: an auxiliary loss, a router z-loss and/or the aux-loss-free expert bias."""
@@ -54,20 +58,13 @@ class BalanceConfig:
     bias_center: bool = False
 
     def validate(self) -> None:
-        _check(self.aux_loss in AUX_LOSSES,
-               f"balance.aux_loss={self.aux_loss!r} is not one of {', '.join(AUX_LOSSES)}")
-        _check(self.aux_loss_stats in AUX_LOSS_STATS,
-               f"balance.aux_loss_stats={self.aux_loss_stats!r} is not one of "
-               f"{', '.join(AUX_LOSS_STATS)}")
-        _check(self.seq_aux_counts in SEQ_AUX_COUNTS,
-               f"balance.seq_aux_counts={self.seq_aux_counts!r} is not one of "
-               f"{', '.join(SEQ_AUX_COUNTS)}")
+        _check_choice("balance.aux_loss", self.aux_loss, AUX_LOSSES)
+        _check_choice("balance.aux_loss_stats", self.aux_loss_stats, AUX_LOSS_STATS)
+        _check_choice("balance.seq_aux_counts", self.seq_aux_counts, SEQ_AUX_COUNTS)
         _check(self.aux_loss_coef >= 0,
                f"balance.aux_loss_coef={self.aux_loss_coef} must be >= 0")
         _check(self.z_loss_coef >= 0, f"balance.z_loss_coef={self.z_loss_coef} must be >= 0")
-        _check(self.bias_update in BIAS_UPDATES,
-               f"balance.bias_update={self.bias_update!r} is not one of "
-               f"{', '.join(BIAS_UPDATES)}")
+        _check_choice("balance.bias_update", self.bias_update, BIAS_UPDATES)
         _check(self.bias_update_rate > 0,
                f"balance.bias_update_rate={self.bias_update_rate} must be > 0")
         _check(not (self.aux_loss == "sequence" and self.aux_loss_stats == "global_batch"),
@@ -97,8 +94,7 @@ class MoEConfig:
 
     def validate(self) -> None:
         E, k = self.num_experts, self.top_k
-        _check(self.router in ROUTERS,
-               f"moe.router={self.router!r} is not one of {', '.join(ROUTERS)}")
+        _check_choice("moe.router", self.router, ROUTERS)
         _check(E >= 1, f"moe.num_experts={E} must be >= 1")
         _check(self.expert_hidden >= 1, f"moe.expert_hidden={self.expert_hidden} must be >= 1")
         _check(1 <= k <= E, f"moe.top_k={k} must be between 1 and moe.num_experts={E}")
@@ -237,9 +233,7 @@ class ParallelConfig:
     timeout_s: float = 120.0  # every process group: a failed rank never hangs the others long
 
     def validate(self, world_size: int, num_experts: int | None) -> None:
-        _check(self.data_parallel in DATA_PARALLEL,
-               f"parallel.data_parallel={self.data_parallel!r} is not one of "
-               f"{', '.join(DATA_PARALLEL)}")
+        _check_choice("parallel.data_parallel", self.data_parallel, DATA_PARALLEL)
         _check(self.ep >= 1, f"parallel.ep={self.ep} must be >= 1")
         _check(self.dp_replicate >= 1, f"parallel.dp_replicate={self.dp_replicate} must be >= 1")
         _check(world_size % self.dp_replicate == 0,
@@ -288,7 +282,8 @@ class DataConfig:
     split: str = "train"  # hub split for training
     val_path: str | None = None  # local validation file(s); hub: `val_split`
     val_split: str | None = None
-    val_fraction: float = 0.02  # no validation source: this share of blocks (python_stdlib: of files)
+    # no validation source: this share of blocks (python_stdlib: of files)
+    val_fraction: float = 0.02
     column: str = "text"
     # text files: a document per line (datasets' default), per paragraph (blank-line
     # separated) or per file; each document ends with an end-of-document token
@@ -304,12 +299,10 @@ class DataConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _check(self.source in DATA_SOURCES,
-               f"data.source={self.source!r} is not one of {', '.join(DATA_SOURCES)}")
+        _check_choice("data.source", self.source, DATA_SOURCES)
         if self.source not in ("synthetic", "python_stdlib"):
             _check(bool(self.path), f"data.source={self.source!r} needs data.path")
-        _check(self.sample_by in SAMPLE_BY,
-               f"data.sample_by={self.sample_by!r} is not one of {', '.join(SAMPLE_BY)}")
+        _check_choice("data.sample_by", self.sample_by, SAMPLE_BY)
         _check(self.seq_len >= 1, f"data.seq_len={self.seq_len} must be >= 1")
         _check(0 <= self.val_fraction < 1,
                f"data.val_fraction={self.val_fraction} must be in [0, 1)")
@@ -379,12 +372,9 @@ class LoopConfig:
         _check(self.val_batches >= 1, f"train.val_batches={self.val_batches} must be >= 1")
         _check(self.exit_at_step is None or self.exit_at_step >= 1,
                f"train.exit_at_step={self.exit_at_step} must be >= 1 or null")
-        _check(self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
-               f"train.activation_checkpointing={self.activation_checkpointing!r} is not one of "
-               f"{', '.join(ACTIVATION_CHECKPOINTING)}")
-        _check(self.on_nonfinite in NONFINITE_POLICIES,
-               f"train.on_nonfinite={self.on_nonfinite!r} is not one of "
-               f"{', '.join(NONFINITE_POLICIES)}")
+        _check_choice("train.activation_checkpointing", self.activation_checkpointing,
+                      ACTIVATION_CHECKPOINTING)
+        _check_choice("train.on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
 
 
 @dataclass
@@ -454,9 +444,7 @@ class MonitorConfig:
         _check(self.patience >= 1, f"monitor.patience={self.patience} must be >= 1")
         _check(0 <= self.entropy_floor <= 1,
                f"monitor.entropy_floor={self.entropy_floor} must be in [0, 1]")
-        _check(self.on_collapse in COLLAPSE_POLICIES,
-               f"monitor.on_collapse={self.on_collapse!r} is not one of "
-               f"{', '.join(COLLAPSE_POLICIES)}")
+        _check_choice("monitor.on_collapse", self.on_collapse, COLLAPSE_POLICIES)
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -476,8 +464,7 @@ class LoggerConfig:
     plots: bool = True  # write RUN_DIR/plots/*.png at the end of every run (rank 0)
 
     def validate(self) -> None:
-        _check(self.wandb.mode in WANDB_MODES,
-               f"logger.wandb.mode={self.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
+        _check_choice("logger.wandb.mode", self.wandb.mode, WANDB_MODES)
 
 
 @dataclass
