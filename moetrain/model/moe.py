@@ -18,7 +18,7 @@ from torch import nn
 from moetrain.config import BalanceConfig, MoEConfig
 from moetrain.model import balance
 from moetrain.model.experts import GroupedExperts, SwiGLU
-from moetrain.model.router import Router
+from moetrain.model.router import Router, apply_keeping_fp32
 
 
 @dataclass
@@ -161,6 +161,10 @@ class MoE(nn.Module):
         # True while activation checkpointing re-runs this forward inside backward: the
         # tokens of that micro-batch were already counted by the first forward.
         self.recomputing = False
+
+    def _apply(self, fn, recurse=True):
+        # `.to(torch.bfloat16)` would make the counts inexact above 256 tokens per expert
+        return apply_keeping_fp32(self, fn, recurse, ("step_tokens_per_expert",))
 
     @contextlib.contextmanager
     def recomputation(self):

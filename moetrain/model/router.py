@@ -10,6 +10,7 @@ share one representation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -88,6 +89,27 @@ def expert_choice_capacity(num_tokens: int, cfg: MoEConfig) -> int:
     return max(1, math.ceil(factor * num_tokens * cfg.top_k / cfg.num_experts))
 
 
+def _no_autocast(device_type: str):
+    """Autocast off on this device (a no-op where there is none, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def apply_keeping_fp32(module: nn.Module, fn, recurse: bool, buffers: tuple[str, ...]):
+    """`nn.Module._apply` (what `.to`, `.half`, `.cuda`, ... run), except that the named
+    buffers, where a cast would put them below fp32, are taken from their values before it,
+    moved to the new device in fp32."""
+    before = {name: module._buffers[name] for name in buffers
+              if module._buffers.get(name) is not None}
+    nn.Module._apply(module, fn, recurse)
+    for name, old in before.items():
+        new = module._buffers[name]
+        if new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+            module._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+    return module
+
+
 class Router(nn.Module):
     """A linear gate (E, D) with fp32 logits; the sigmoid router also holds `expert_bias`."""
 
@@ -106,6 +128,12 @@ class Router(nn.Module):
         if hasattr(self, "expert_bias"):
             self.expert_bias.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # The bias moves by small steps (1e-3 in DeepSeek-V3) that bf16 would round away, so
+        # `.to(torch.bfloat16)` leaves it fp32, as transformers keeps DeepSeek-V3's
+        # e_score_correction_bias fp32.
+        return apply_keeping_fp32(self, fn, recurse, ("expert_bias",))
+
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (N, D) -> flat assignments."""
         cfg = self.cfg
@@ -114,8 +142,11 @@ class Router(nn.Module):
             x = x * noise
         # At least fp32 logits: top-k selection and softmax are sensitive to bf16 rounding.
         # An fp64 model routes in fp64, so two layouts of it can agree to fp64 precision.
+        # Autocast (the trainer's one-GPU bf16 path) would run this linear in bf16 whatever
+        # its inputs' dtype, so it is off here.
         dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
+        with _no_autocast(x.device.type):
+            logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
         N = x.shape[0]
         if cfg.router == "expert_choice":
             capacity = expert_choice_capacity(N, cfg)

@@ -157,6 +157,26 @@ def test_pop_step_loads_reduces_and_resets_and_bias_update_centres():
     torch.testing.assert_close(moe.router.expert_bias.sum(), torch.tensor(0.0))
 
 
+def test_a_bf16_cast_keeps_the_bias_and_the_step_counts_fp32():
+    moe = MoE(16, MoEConfig(num_experts=8, top_k=2, expert_hidden=8, router="sigmoid"),
+              BalanceConfig(aux_free=True, bias_update="sign"))
+    moe.init_weights(0.3)
+    moe.router.expert_bias.fill_(1.001)  # not a bf16 number
+    moe = moe.to(torch.bfloat16).train()
+    assert moe.experts.w_gate.dtype == torch.bfloat16
+    assert moe.router.expert_bias.dtype == moe.step_tokens_per_expert.dtype == torch.float32
+    assert torch.equal(moe.router.expert_bias, torch.full((8,), 1.001))
+    with torch.no_grad():
+        for _ in range(3):  # > 256 tokens per expert: bf16 counts would round
+            moe(torch.randn(1, 301, 16, dtype=torch.bfloat16))
+    assert moe.step_tokens_per_expert.sum().item() == 3 * 301 * 2
+    loads = torch.tensor([[10.0, 30, 20, 20, 20, 20, 20, 20]])
+    balance.update_expert_bias([moe], loads, rate=1e-3)
+    assert moe.router.expert_bias[0].item() == pytest.approx(1.002, abs=1e-6)
+    assert moe.router.expert_bias[1].item() == pytest.approx(1.000, abs=1e-6)
+    assert moe.double().router.expert_bias.dtype == torch.float64  # fp64 routes in fp64
+
+
 def test_moe_layer_stats_in_one_transfer():
     torch.manual_seed(0)
     layers = [MoE(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8), BalanceConfig())

@@ -109,6 +109,21 @@ def test_logits_are_fp32_for_low_precision_inputs():
     assert out.logits.dtype == torch.float32 and out.weights.dtype == torch.float32
 
 
+@pytest.mark.parametrize("router_type", ["softmax_topk", "sigmoid"])
+def test_autocast_leaves_the_routing_in_fp32(router_type):
+    # the trainer's one-GPU path runs the forward under bf16 autocast; CPU autocast has the
+    # same rule (a linear runs in bf16 whatever its inputs' dtype)
+    router = make_router(num_experts=8, top_k=2, router=router_type)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(64, 16)
+    want = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    assert got.logits.dtype == got.weights.dtype == torch.float32
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.weights, want.weights)
+    assert torch.equal(got.expert_ids, want.expert_ids)
+
+
 def test_jitter_only_in_training_and_frozen_router_has_no_grad():
     router = make_router(num_experts=8, top_k=2, router_jitter=0.5)
     x = torch.randn(32, 16)
