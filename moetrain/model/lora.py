@@ -19,6 +19,7 @@ from torch import nn
 
 from moetrain.config import LoRAConfig
 from moetrain.model.experts import GroupedExperts, SwiGLU
+from moetrain.model.init import seeded_normal_
 
 ADAPTER_SUFFIXES = ("lora_A", "lora_B")
 
@@ -71,10 +72,20 @@ def _linear_targets(model, targets: list[str]) -> list[tuple[nn.Module, str]]:
     return found
 
 
-def apply_lora(model, cfg: LoRAConfig) -> None:
+def init_adapter_(param: torch.Tensor, name: str, seed: int) -> None:
+    """peft's start: B zero, so the adapted model starts as the base; A random, with the
+    variance of peft's kaiming-uniform A, drawn layout-free like every weight."""
+    if name.endswith("lora_B"):
+        param.zero_()
+    else:
+        seeded_normal_(param, (3 * param.shape[-1]) ** -0.5, seed, name)
+
+
+def apply_lora(model, cfg: LoRAConfig, seed: int = 0) -> None:
     """Add adapters to the targets and freeze every other parameter (the router's weight too,
-    unless cfg.train_router). On a meta model the adapters are meta too, and
-    `Transformer.init_weights` gives them their initial values (A random, B zero)."""
+    unless cfg.train_router). Adapters of a materialised model get their initial values here
+    (`init_adapter_` with `seed`); on a meta model they are meta too, and
+    `Transformer.init_weights` gives them theirs."""
     for parent, name in _linear_targets(model, cfg.targets):
         setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.scaling,
                                          cfg.dropout))
@@ -84,6 +95,9 @@ def apply_lora(model, cfg: LoRAConfig) -> None:
     for name, param in model.named_parameters():
         trainable = is_adapter(name) or (cfg.train_router and name.endswith(".router.weight"))
         param.requires_grad_(trainable)
+        if is_adapter(name) and not param.is_meta:
+            with torch.no_grad():
+                init_adapter_(param, name, seed)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from moetrain.config import ModelConfig
 from moetrain.model.experts import SwiGLU
 from moetrain.model.init import seeded_normal_
+from moetrain.model.lora import init_adapter_, is_adapter
 from moetrain.model.moe import MoE
 
 
@@ -197,10 +198,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
                 param.fill_(1.0)
-            elif name.endswith("lora_B"):  # LoRA: the adapted model starts as the base
-                param.zero_()
-            elif name.endswith("lora_A"):  # the variance of peft's kaiming-uniform A
-                seeded_normal_(param, (3 * param.shape[-1]) ** -0.5, seed, name)
+            elif is_adapter(name):
+                init_adapter_(param, name, seed)
             else:
                 std = cfg.embedding_std if name == "tok_embeddings.weight" else cfg.init_std
                 seeded_normal_(param, std, seed, name)

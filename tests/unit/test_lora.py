@@ -158,6 +158,30 @@ def adapted(cfg, targets=ALL_TARGETS, rank=4, seed=3, **lora):
     return base, model
 
 
+def test_lora_on_a_built_model_gets_the_adapters_init_weights_would_give():
+    # the peft flow: adapters added to a model that already holds its (loaded) weights
+    cfg = tiny_deepseek()
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=ALL_TARGETS)
+    model = Transformer(copy.deepcopy(cfg))
+    model.init_weights(5)
+    base = {name: p.clone() for name, p in model.named_parameters()}
+    apply_lora(model, lora, seed=7)
+    fresh = Transformer(copy.deepcopy(cfg))
+    apply_lora(fresh, lora)
+    fresh.init_weights(7)
+    fresh_params = dict(fresh.named_parameters())
+    adapters = {name: p for name, p in model.named_parameters() if name.endswith("lora_A")}
+    # 3 layers x 4 attention projections, the dense layer's 3, and per MoE layer (2) the
+    # shared expert's 3 and the stacked experts' 3
+    assert len(adapters) == 12 + 3 + 2 * 6
+    for name, p in model.named_parameters():
+        if name in base:
+            assert torch.equal(p, base[name]), name  # base weights untouched
+        else:
+            assert torch.equal(p, fresh_params[name]), name
+            assert name.endswith("lora_B") == (p.abs().sum().item() == 0), name
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek"])
 def test_lora_model_starts_exactly_as_its_base(family):
     cfg = tiny_mixtral() if family == "mixtral" else tiny_deepseek()
