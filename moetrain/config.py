@@ -6,6 +6,7 @@ runs once at start-up, before any weight is allocated or any collective is issue
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 ROUTERS = ("softmax_topk", "sigmoid", "top1", "expert_choice")
@@ -121,7 +122,8 @@ class MoEConfig:
             _check(k <= reachable,
                    f"moe.top_k={k} exceeds the {reachable} experts in moe.topk_groups="
                    f"{self.topk_groups} groups of {per_group}")
-        _check(self.route_scale > 0, f"moe.route_scale={self.route_scale} must be > 0")
+        _check(0 < self.route_scale < math.inf,
+               f"moe.route_scale={self.route_scale} must be > 0 and finite")
         _check(self.n_shared_experts >= 0,
                f"moe.n_shared_experts={self.n_shared_experts} must be >= 0")
         _check(self.shared_hidden is None or self.shared_hidden >= 1,
@@ -182,6 +184,7 @@ class ModelConfig:
                f"model.first_k_dense={self.first_k_dense} must be between 0 and "
                f"model.n_layers={self.n_layers}")
         _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+        _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
         _check(self.embed_init_std is None or self.embed_init_std > 0,
                f"model.embed_init_std={self.embed_init_std} must be > 0 (or null for the "

@@ -27,6 +27,7 @@ INVALID = [
     (dict(moe=MoEConfig(router_jitter=1.0)), "moe.router_jitter=1.0"),
     (dict(moe=MoEConfig(n_shared_experts=-1)), "moe.n_shared_experts=-1"),
     (dict(moe=MoEConfig(route_scale=0.0)), "moe.route_scale=0.0"),
+    (dict(moe=MoEConfig(route_scale=float("inf"))), "moe.route_scale=inf"),
     (dict(balance=BalanceConfig(aux_loss="gshard")), "balance.aux_loss='gshard'"),
     (dict(balance=BalanceConfig(aux_loss_stats="epoch")), "balance.aux_loss_stats='epoch'"),
     (dict(balance=BalanceConfig(aux_loss="sequence", aux_loss_stats="global_batch")),
@@ -41,6 +42,7 @@ INVALID = [
     (dict(n_heads=4, n_kv_heads=3), "model.n_kv_heads=3"),
     (dict(first_k_dense=9, n_layers=4), "model.first_k_dense=9"),
     (dict(vocab_size=0), "model.vocab_size=0"),
+    (dict(norm_eps=0.0), "model.norm_eps=0.0"),
 ]
 
 
