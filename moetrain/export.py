@@ -48,7 +48,7 @@ def export_safetensors(source: str | Path, out: Path, dtype: str = "float32",
                   or not stored.is_floating_point else DTYPES[dtype])
         entries.append(Entry(name, size, target,
                              lambda name=name, target=target: read(name).to(target)))
-    with published(out, overwrite) as partial:
+    with published(out, overwrite, checkpoint) as partial:
         write_file(partial / "model.safetensors", entries)
         (partial / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg.model)))
     return Path(out)

@@ -74,17 +74,23 @@ def export_hf(source: str | Path, out: Path, dtype: str = "float32",
     from moetrain.data.tokenizer import build_tokenizer
     eos_id = build_tokenizer(cfg.data.tokenizer).eos_id
     config = hf_config(cfg.model, eos_id)  # raises for a setting with no equivalent
-    with published(out, overwrite) as partial:
+    with published(out, overwrite, checkpoint) as partial:
         _write_hf(checkpoint, cfg, config, eos_id, partial, dtype, max_shard_size)
     return Path(out)
 
 
 @contextlib.contextmanager
-def published(out: str | Path, overwrite: bool):
+def published(out: str | Path, overwrite: bool, source: Path):
     """Yield a sibling `OUT.partial` to write into; OUT appears once it is complete. A
-    non-empty OUT is only replaced with `overwrite` (checked first); a failed write leaves
-    OUT as it was."""
+    non-empty OUT is only replaced with `overwrite` (checked first), and never when it holds
+    `source`, the checkpoint being read; a failed write leaves OUT as it was."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    resolved = out.resolve()
+    if resolved == Path(source).resolve() or resolved in Path(source).resolve().parents:
+        raise ValueError(f"--out {str(out)!r} holds the checkpoint being exported ({source}); "
+                         "choose a directory outside it")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {str(out)!r} exists and is not empty; choose a new directory "
                          "or pass --overwrite")

@@ -270,6 +270,24 @@ def test_export_never_replaces_a_directory_unasked(tmp_path, capsys):
     assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
 
 
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_export_never_replaces_its_own_source_or_a_file(tmp_path, capsys, fmt):
+    run_dir = trained_checkpoint(tmp_path, "mixtral")
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    for out in (run_dir, run_dir / "checkpoints", checkpoint):
+        assert export_main([str(run_dir), "--format", fmt, "--out", str(out),
+                            "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds the checkpoint being exported" in err[0], err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    (tmp_path / "file").write_text("mine")
+    assert export_main([str(run_dir), "--format", fmt, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_logical_safetensors_format_is_kept(tmp_path):
     from safetensors.torch import load_file
     run_dir = trained_checkpoint(tmp_path, "mixtral")
