@@ -92,7 +92,21 @@ def load_texts(cfg: DataConfig, split: str):
     if cfg.column not in columns:
         raise ValueError(f"data.column={cfg.column!r} is not a column of {cfg.path!r}; "
                          f"columns: {columns}")
+    kind = _column_kind(ds, cfg.column)
+    if kind not in ("string", "large_string"):
+        raise ValueError(f"data.column={cfg.column!r} of {cfg.path!r} holds {kind}, not text; "
+                         f"columns: {columns}")
     return ds
+
+
+def _column_kind(ds, column: str) -> str:
+    """The column's datasets dtype ('string' for text); a streamed dataset that does not
+    declare its features is judged by its first row."""
+    feature = ds.features.get(column) if ds.features else None
+    if feature is not None:
+        return getattr(feature, "dtype", type(feature).__name__)
+    value = next(iter(ds))[column]
+    return "string" if value is None or isinstance(value, str) else type(value).__name__
 
 
 def pack(token_lists, eos_id: int, block: int) -> torch.Tensor:
@@ -242,6 +256,9 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_si
     blocks = tokenize_and_pack(train_ds, cfg, tokenizer)
     if len(blocks) == 0:
         raise ValueError(f"data.path={cfg.path!r} holds fewer than {cfg.seq_len + 1} tokens")
+    if not (blocks != tokenizer.eos_id).any():
+        raise ValueError(f"data.path={cfg.path!r} holds no text: every document in "
+                         f"data.column={cfg.column!r} is empty")
     if val_blocks is None and cfg.val_fraction > 0:
         n_val = max(1, int(len(blocks) * cfg.val_fraction))
         blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]

@@ -103,13 +103,37 @@ def test_streaming_local_json_shards_and_resumes(tmp_path):
     (lambda d: DataConfig(source="text", path=str(d / "tiny.txt"), seq_len=64),
      "fewer than 65 tokens"),
     (lambda d: DataConfig(tokenizer=str(d / "nope")), "no tokenizer.json there"),
+    (lambda d: DataConfig(source="json", path=str(d / "rows.jsonl"), column="id"),
+     "data.column='id' of .* holds int64, not text"),
+    (lambda d: DataConfig(source="json", path=str(d / "rows.jsonl"), column="id",
+                          streaming=True), "data.column='id' of .* holds int64, not text"),
+    (lambda d: DataConfig(source="json", path=str(d / "mixed.jsonl")), "holds Json, not text"),
+    (lambda d: DataConfig(source="text", path=str(d / "blank.txt"), seq_len=8),
+     "holds no text: every document in data.column='text' is empty"),
+    (lambda d: DataConfig(source="text", path=str(d / "blank.txt"), seq_len=8,
+                          tokenizer="byte"), "holds no text"),
 ])
 def test_bad_data_fails_clearly_before_training(tmp_path, make, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "tiny.txt").write_text("hi")
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    (tmp_path / "blank.txt").write_text("\n" * 100)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a", "id": 1}) + "\n")
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                  for t in ["a", 12345, "b"]))
     with pytest.raises(ValueError, match=message):
         build_data(make(tmp_path), 2, 0, 1, 256)
+
+
+def test_a_stream_without_declared_features_is_judged_by_its_first_row():
+    import datasets
+
+    from moetrain.data.loader import _column_kind
+
+    def rows(value):
+        return datasets.IterableDataset.from_generator(lambda: iter([{"text": value}]))
+    assert rows(1).features is None
+    assert [_column_kind(rows(v), "text") for v in (1, "a", None)] == ["int", "string",
+                                                                        "string"]
 
 
 def test_vocab_smaller_than_tokenizer_is_rejected():
