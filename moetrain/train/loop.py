@@ -305,7 +305,10 @@ class Trainer:
                 record = record or {"step": step}
                 record["val_loss"] = val_loss
                 # bits per byte, as moetrain.evaluate reports: comparable across tokenizers
-                record["val_bits_per_byte"] = val_loss / (math.log(2) * self.val_bytes_per_token())
+                # (none for validation text of empty documents alone)
+                if self.val_bytes_per_token() > 0:
+                    record["val_bits_per_byte"] = val_loss / (math.log(2)
+                                                              * self.val_bytes_per_token())
                 summary["val_loss"] = val_loss
                 if val_loads is not None:
                     metrics = load_metrics(val_loads)

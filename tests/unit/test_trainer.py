@@ -250,6 +250,19 @@ def test_validation_reports_bits_per_byte_of_the_text_it_predicts(tmp_path, toke
         assert record["val_bits_per_byte"] < record["val_loss"] / math.log(2) / 1.5
 
 
+def test_validation_text_of_empty_documents_has_a_loss_but_no_bits_per_byte(tmp_path):
+    cfg = tiny_run(tmp_path, steps=2, val_batches=1)
+    cfg.train.val_every = 2
+    (tmp_path / "train.txt").write_text("some text to train on\n" * 200)
+    (tmp_path / "val.txt").write_text("\n" * 400)  # every line an empty document
+    cfg.data.source, cfg.data.path = "text", str(tmp_path / "train.txt")
+    cfg.data.val_path = str(tmp_path / "val.txt")
+    Trainer(cfg).fit()
+    record = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()
+              if "val_loss" in line][-1]
+    assert math.isfinite(record["val_loss"]) and "val_bits_per_byte" not in record
+
+
 def test_validation_reports_expert_loads_over_the_whole_pass(tmp_path):
     """The validation MaxVio (the paper's MaxVio_global) comes from every validation token:
     the loads equal a count of each token's top-k, routed one token at a time."""
