@@ -187,12 +187,28 @@ def find_checkpoint(path: str | Path, field: str = "checkpoint") -> Path:
 
 
 def load_run_config(checkpoint: Path):
-    """The resolved RunConfig saved beside a checkpoint."""
+    """The resolved RunConfig saved beside a checkpoint. Its config.yaml is checked against
+    the manifest first (one small file: cheap enough for the start-up checks that run before
+    the whole checkpoint is verified), so that damage is reported as such, in one line."""
     from omegaconf import OmegaConf
 
     from moetrain.config import RunConfig
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
-                                               OmegaConf.load(Path(checkpoint) / "config.yaml")))
+    checkpoint = Path(checkpoint)
+    path = checkpoint / "config.yaml"
+    files = read_manifest(checkpoint)
+    problem = (check_files(checkpoint, files, ["config.yaml"])
+               if files is not None and "config.yaml" in files else None)
+    if problem is None and not path.is_file():
+        problem = f"{path} is missing"
+    if problem is not None:
+        raise CheckpointInvalid(f"checkpoint {checkpoint} failed verification: {problem}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
+                                                   OmegaConf.load(path)))
+    except Exception as error:  # YAML or schema errors: several lines each
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointInvalid(f"{path} is not a moetrain run config "
+                                f"({type(error).__name__}: {reason[:200]})") from None
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", merge: bool = True):

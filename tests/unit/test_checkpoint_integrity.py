@@ -117,6 +117,31 @@ def test_explicit_resume_of_a_damaged_checkpoint_fails_naming_the_file(run_copy)
         load_model(checkpoint)
 
 
+@pytest.mark.parametrize("field", ["resume", "init_from"])
+def test_a_damaged_config_yaml_is_a_verification_error_before_anything_reads_it(run_copy,
+                                                                                  field):
+    """The start-up checks read a checkpoint's config.yaml (its tokenizer) before the whole
+    checkpoint is verified: that file is checked first, and without a manifest to check it
+    against, a config that does not parse is one line naming it."""
+    run_dir, cfg = run_copy
+    checkpoint = run_dir / "checkpoints" / "step_00000004"
+    config = checkpoint / "config.yaml"
+    text = config.read_text()
+    config.write_text(text.replace(":", ";", 1))  # one flipped bit (0x3a -> 0x3b)
+    run = tiny_run(run_dir.parent / "new", MOE, steps=6)
+    setattr(run, field, str(checkpoint))
+    with pytest.raises(CheckpointInvalid) as error:
+        Trainer(run)
+    assert "\n" not in str(error.value)
+    assert f"{config} does not match its SHA-256" in str(error.value)
+    (checkpoint / MANIFEST).unlink()  # a checkpoint from before manifests
+    with pytest.raises(CheckpointInvalid) as error:
+        Trainer(run)
+    assert "\n" not in str(error.value) and f"{config} is not a moetrain run config" in str(
+        error.value)
+    assert not (run_dir.parent / "new" / "run").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete_extra", "delete_metadata",
                                     "garble_manifest"])
 def test_truncated_missing_or_unreadable_files_are_found(run_copy, damage, capsys):
