@@ -32,8 +32,8 @@ class RunLogger:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str,
                  total_steps: int, start_step: int = 0, resumed_from: Path | None = None):
         self.run_dir, self.make_plots = run_dir, cfg.plots
-        if resumed_from is not None:
-            supersede_records_after(run_dir / "metrics.jsonl", start_step)
+        # also a resume=auto that found no checkpoint, and starts again from step 0
+        supersede_records_after(run_dir / "metrics.jsonl", start_step)
         self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.wandb = None
         self.mode = resolve_wandb_mode(cfg.wandb.mode)
@@ -115,9 +115,10 @@ class RunLogger:
 
 
 def supersede_records_after(path: Path, step: int) -> None:
-    """A resumed run logs again the steps after its checkpoint: move the old records of those
-    steps to metrics.superseded.jsonl (kept, never lost) so metrics.jsonl holds one record per
-    step. The superseded file is written first; metrics.jsonl is replaced atomically."""
+    """A resumed run logs again the steps after its checkpoint (all of them when it found
+    none to start from): move the old records of those steps to metrics.superseded.jsonl
+    (kept, never lost) so metrics.jsonl holds one record per step. The superseded file is
+    written first; metrics.jsonl is replaced atomically."""
     if not path.is_file():
         return
     keep, later = [], []

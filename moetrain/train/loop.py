@@ -29,8 +29,9 @@ from moetrain.monitor import CollapseDetector, expert_load_record
 from moetrain.optim import build_optimizer
 from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, finalize_grads
 from moetrain.train.preemption import STOP, Preempted
-from moetrain.train.setup import (apply_init_from_hf, build_model, check_same_tokenizer,
-                                  choose_run_dir, describe, join_ranks, world_size_from_env)
+from moetrain.train.setup import (apply_init_from_hf, build_model, check_new_run_dir,
+                                  check_same_tokenizer, choose_run_dir, describe, join_ranks,
+                                  world_size_from_env)
 from moetrain.train.throughput import PhaseTimer, Throughput, flops_per_token, peak_flops
 
 
@@ -53,6 +54,8 @@ class Trainer:
         if cfg.resume not in (None, "auto"):
             resume = checked_path(cfg.resume)
             check_same_tokenizer(cfg, load_run_config(resume), "resume", str(resume))
+        if cfg.resume is None and cfg.run_dir:
+            check_new_run_dir(cfg.run_dir)
         self.data, self.val_blocks = build_data(
             cfg.data, cfg.train.micro_batch_size, int(os.environ.get("RANK", "0")), world,
             cfg.model.vocab_size, cfg.train.grad_accum)
@@ -104,6 +107,10 @@ class Trainer:
             self.checkpointer.load_weights(init_from)
         elif hf_dir is not None:
             load_hf_weights_(self.model, hf_dir)
+        if self.step > cfg.train.steps:  # (equal: a finished run, which trains no further)
+            raise ValueError(f"train.steps={cfg.train.steps} is below the step of the "
+                             f"checkpoint it resumes ({self.step}: {self.resumed_from}); set "
+                             f"train.steps above {self.step} to train on")
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):

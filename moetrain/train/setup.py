@@ -134,6 +134,19 @@ def check_run_dir(path: str | Path) -> None:
             return
 
 
+# What a run writes into its run_dir that a second run would overwrite or append to.
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+def check_new_run_dir(path: str | Path) -> None:
+    """A new run (no resume) must not start in another run's directory: its checkpoints would
+    replace that run's at the same steps, and its records mix into that run's metrics."""
+    held = [name for name in RUN_OUTPUTS if (Path(path) / name).exists()]
+    if held:
+        raise ValueError(f"run_dir={str(path)!r} already holds a run ({', '.join(held)}); "
+                         "continue it with resume=auto, or choose another run_dir")
+
+
 def choose_run_dir(cfg: RunConfig, ranks: Ranks) -> Path:
     """Rank 0 decides and creates it; the others receive the same path (or the same error)."""
     path, error = None, None

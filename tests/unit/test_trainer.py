@@ -343,6 +343,40 @@ def test_a_run_from_a_checkpoint_must_keep_its_tokenizer(tmp_path):
     assert not same_tokenizer("stdlib-bpe-2048", str(tmp_path / "missing"))
 
 
+def test_a_new_run_never_writes_over_another_run_in_its_run_dir(tmp_path):
+    Trainer(tiny_run(tmp_path, steps=2)).fit()
+    run_dir = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"^run_dir='.*run' already holds a run \(config.yaml, "
+                       r"metrics.jsonl, checkpoints\); continue it with resume=auto"):
+        Trainer(tiny_run(tmp_path, steps=2))
+    # resuming a run past the steps asked for trains nothing: refused, naming both
+    resumed = tiny_run(tmp_path, steps=1)
+    resumed.resume = "auto"
+    with pytest.raises(ValueError, match=r"^train.steps=1 is below the step of the checkpoint "
+                       r"it resumes \(2: .*step_00000002\); set train.steps above 2"):
+        Trainer(resumed)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    resumed.train.steps = 2  # a finished run: nothing to do, and no error
+    trainer = Trainer(resumed)
+    assert trainer.step == 2
+    trainer.fit()
+
+
+def test_resume_auto_without_a_checkpoint_starts_again_with_one_record_per_step(tmp_path):
+    cfg = tiny_run(tmp_path, steps=4)
+    cfg.train.log_every, cfg.checkpoint.at_end = 1, False
+    Trainer(cfg).fit()  # no checkpoint: as if killed before the first one
+    cfg.resume = "auto"
+    Trainer(cfg).fit()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in metrics.open() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4]
+    old = [json.loads(line)["step"] for line in
+           metrics.with_name("metrics.superseded.jsonl").open() if '"loss"' in line]
+    assert old == [1, 2, 3, 4]  # kept, not lost
+
+
 def test_validation_builds_no_autograd_graph(tmp_path):
     trainer = Trainer(tiny_run(tmp_path, steps=1, val_batches=2))
     grad_enabled = []
