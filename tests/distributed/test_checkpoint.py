@@ -23,9 +23,14 @@ from tests.distributed.launcher import run_distributed
 REPO = Path(__file__).resolve().parents[2]
 
 
-@functools.lru_cache(maxsize=None)
 def straight(family: str, root: str, data_parallel: str = "fsdp"):
-    """10 uninterrupted steps at world 2, ep=2, checkpoints at steps 5 and 10."""
+    """10 uninterrupted steps at world 2, ep=2, checkpoints at steps 5 and 10; run once per
+    (family, data_parallel), however the arguments are spelled."""
+    return _straight(family, root, data_parallel)
+
+
+@functools.lru_cache(maxsize=None)
+def _straight(family: str, root: str, data_parallel: str):
     run_dir = Path(root) / f"straight-{family}-{data_parallel}"
     result = run_distributed(train, 2, run_dir, family, 2, data_parallel=data_parallel)[0]
     return run_dir, result
