@@ -521,9 +521,6 @@ class RunConfig:
                "checkpoints)")
         _check(self.init_from != "auto", "init_from takes a checkpoint path, not 'auto'")
         lora = self.finetune.lora
-        _check(not (self.resume and self.init_from) or lora.enabled,
-               "set resume (continue a run) or init_from (new run from a checkpoint's "
-               "weights), not both")
         _check(not (lora.enabled and lora.train_router and self.model.moe is not None
                     and self.model.moe.freeze_router),
                "finetune.lora.train_router=true contradicts model.moe.freeze_router=true; "

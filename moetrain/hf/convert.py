@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from moetrain.checkpoint import (find_checkpoint, load_model, load_run_config,
                                  quiet_single_process)
 from moetrain.config import DataConfig, ModelConfig, RunConfig
-from moetrain.hf.families import (STASH_KEY, empty_tensors, family_for, hf_config, is_stacked,
+from moetrain.hf.families import (empty_tensors, family_for, hf_config, is_stacked,
                                   model_config_from_hf, to_hf_names)
 from moetrain.hf.safetensors_io import Entry, ShardedReader, write_sharded
 from moetrain.hf.tokenizer import tokenizer_setting, write_tokenizer
@@ -161,11 +161,11 @@ def read_hf_config(directory: str | Path, field: str = "init_from") -> dict:
 
 def import_model_config(directory: str | Path, keep: ModelConfig | None = None) -> ModelConfig:
     """moetrain's model config for a transformers checkpoint. `keep`: the run's own config,
-    whose training-only settings (balancing, router jitter and freezing, capacity) are kept
-    when the checkpoint's config does not carry moetrain's."""
+    whose training-only settings (balancing, router jitter and freezing, capacity) win over
+    any that a checkpoint exported by moetrain carries."""
     config = read_hf_config(directory)
     model = model_config_from_hf(config)
-    if keep is not None and STASH_KEY not in config:
+    if keep is not None:
         model.balance = keep.balance
         if model.moe is not None and keep.moe is not None:
             model.moe.router_jitter = keep.moe.router_jitter

@@ -4,6 +4,7 @@ settings that must refuse to convert."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -378,6 +379,31 @@ def test_init_from_hf_trains_from_the_transformers_weights(tmp_path):
     summary = trainer.fit()
     assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite
     shutil.rmtree(directory)
+
+
+def test_init_from_a_moetrain_export_takes_the_runs_training_settings_and_resumes(tmp_path):
+    """The architecture comes from the export; balancing, router freezing and capacity from
+    the run's own config, not from the moetrain config the export carries. The same command
+    with resume=auto continues the run (init_from only starts it)."""
+    out = export_hf(trained_checkpoint(tmp_path, "deepseek"), tmp_path / "hf")
+    moe = MoEConfig(num_experts=4, top_k=1, freeze_router=True, capacity_factor=1.0)
+    cfg = tiny_run(tmp_path / "ft", moe, BalanceConfig(aux_loss="none"), steps=4)
+    cfg.init_from, cfg.data.seq_len = f"hf:{out}", 16
+    cfg.train.log_every, cfg.checkpoint.every, cfg.train.exit_at_step = 1, 2, 2
+    cfg.monitor.on_collapse = "warn"  # nothing balances this run
+    trainer = Trainer(copy.deepcopy(cfg))
+    model_cfg = trainer.cfg.model
+    assert model_cfg.moe.num_experts == 8 and model_cfg.moe.router == "sigmoid"  # the export's
+    assert model_cfg.balance == BalanceConfig(aux_loss="none")  # the run's, not aux_free
+    assert model_cfg.moe.freeze_router and model_cfg.moe.capacity_factor == 1.0
+    routers = {k: v.clone() for k, v in trainer.model.state_dict().items() if "router" in k}
+    trainer.fit()
+    for key, value in routers.items():  # frozen, and no bias balancing moved them
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    cfg.resume = "auto"
+    resumed = Trainer(copy.deepcopy(cfg))
+    assert resumed.step == 2
+    assert resumed.fit()["step"] == 4
 
 
 @pytest.mark.parametrize("ships, run_setting, expected", [
