@@ -17,16 +17,22 @@ from torch import nn
 
 
 def saved_activation_bytes(model: nn.Module, forward: Callable[[], object]) -> int:
-    """Bytes of the tensors autograd saves for backward while `forward()` runs. The model's
-    parameters are skipped: they are not activations (a checkpointed block keeps only its
-    input). Counted as they are saved, so the graph `forward` builds may be dropped at once."""
-    params = {p.data_ptr() for p in model.parameters()}
+    """Bytes of the memory autograd keeps for backward while `forward()` runs: each storage
+    behind a saved tensor once (one input saved by three linears, or a view of it, is held
+    once), the model's parameters and views of them skipped (they are not activations; a
+    checkpointed block keeps only its input). Counted as they are saved, so the graph
+    `forward` builds may be dropped at once."""
+    # data_ptr -> storage: holding each storage until the end keeps its address from being
+    # reused by a later one while this runs
+    seen = {p.untyped_storage().data_ptr(): None for p in model.parameters()}
     total = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        if tensor.data_ptr() not in params:
-            total += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = storage
+            total += storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -70,6 +70,22 @@ def test_checkpointing_cuts_saved_activations_and_eval_is_untouched():
     assert moe_forwards.calls == len(ckpt.moe_layers())
 
 
+def test_saved_bytes_count_each_storage_once_and_no_parameter():
+    class ThreeProjections(torch.nn.Module):  # one input saved by three matmuls
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 16, 16))
+
+        def forward(self, x):
+            return sum(x @ self.w[i] for i in range(3))  # views of the parameter saved too
+
+    model, x = ThreeProjections(), torch.randn(10, 16)
+    assert saved_activation_bytes(model, lambda: model(x)) == x.numel() * 4
+    wide = torch.randn(10, 32)
+    half = wide[:, :16]  # a view: its whole storage is what stays alive
+    assert saved_activation_bytes(model, lambda: model(half)) == wide.numel() * 4
+
+
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="train.activation_checkpointing='selective' is not "
                                          "one of none, full"):
