@@ -1,8 +1,10 @@
 """Which data each expert serves: `python -m moetrain.specialisation CKPT --data NAME=SPEC ...`.
 
-For every named data source the model reads up to --tokens tokens (blocks of the checkpoint's
-seq_len, in order) and every MoE layer's router choices are counted: assignments (top_k per
-token, before any capacity drop) per expert. Per layer it reports
+For every named data source the model reads up to --tokens tokens (blocks of --seq-len, by
+default the checkpoint's data.seq_len, in order) and every MoE layer's router choices are
+counted: assignments (top_k per token, before any capacity drop) per expert. Token-choice
+routers only: expert choice gives every expert the same share of any batch. Per layer it
+reports
 
   load[s, e]     the share of source s's assignments that expert e receives (each row sums to 1)
   NMI            the mutual information between the source and the chosen expert, over the
@@ -261,6 +263,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the JSON and heatmaps (default: none written)")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens read per source")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per block (default: the checkpoint's data.seq_len, at "
+                             "most its model.max_seq_len)")
     parser.add_argument("--untrained", action="store_true",
                         help="the checkpoint's architecture at its initial weights (baseline)")
     parser.add_argument("--seed", type=int, default=0, help="init seed for --untrained")
@@ -273,6 +278,8 @@ def run(args: argparse.Namespace) -> dict:
     from moetrain.plots import specialisation_figure
     if args.tokens < 1:
         raise ValueError(f"--tokens {args.tokens} must be >= 1")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len {args.seq_len} must be >= 1")
     sources = parse_sources(args.data)
     for name, spec in sources.items():  # every source readable before the model is loaded
         if not spec.startswith("synthetic:"):
@@ -288,9 +295,17 @@ def run(args: argparse.Namespace) -> dict:
         model.eval()
     if not model.moe_layers():
         raise ValueError(f"{args.source} is a dense model: no experts to report on")
+    if cfg.model.moe.router == "expert_choice":
+        raise ValueError(f"{args.source} routes by expert choice: every expert takes the same "
+                         "share of each batch, whatever its source, so the report needs a "
+                         "token-choice router")
+    max_len = cfg.model.max_seq_len
+    seq_len = args.seq_len if args.seq_len is not None else min(cfg.data.seq_len, max_len)
+    if seq_len > max_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {max_len}")
     layer_ids = [i for i, block in enumerate(model.layers) if block.is_moe]
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    layers, tokens, by_token = report(model, sources, cfg.data.seq_len, tokenizer, args.tokens,
+    layers, tokens, by_token = report(model, sources, seq_len, tokenizer, args.tokens,
                                       layer_ids)
     result = {"checkpoint": str(args.source), "untrained": args.untrained,
               "sources": {name: {"spec": spec, "tokens": tokens[name]}

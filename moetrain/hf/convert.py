@@ -226,7 +226,9 @@ def load_hf_model(directory: str | Path, device: str | torch.device = "cpu"):
     directory = Path(directory)
     model_cfg = import_model_config(directory)
     tokenizer = tokenizer_setting(directory) or "byte"
-    cfg = RunConfig(model=model_cfg, data=DataConfig(tokenizer=tokenizer))
+    # no training data to take seq_len from: the default, where the model's context allows it
+    seq_len = min(DataConfig().seq_len, model_cfg.max_seq_len)
+    cfg = RunConfig(model=model_cfg, data=DataConfig(tokenizer=tokenizer, seq_len=seq_len))
     with torch.device("meta"):
         model = Transformer(model_cfg)
     model.to_empty(device=device)

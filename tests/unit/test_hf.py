@@ -381,6 +381,15 @@ def test_init_from_hf_trains_from_the_transformers_weights(tmp_path):
     shutil.rmtree(directory)
 
 
+def test_the_tools_read_a_short_context_transformers_model_in_blocks_it_can_take(tmp_path):
+    from moetrain.specialisation import main as specialisation_main
+    directory = hf_mixtral(tmp_path, vocab_size=256)  # max_position_embeddings 32
+    _, cfg = load_model(f"hf:{directory}")
+    assert cfg.data.seq_len == cfg.model.max_seq_len == 32
+    assert specialisation_main([f"hf:{directory}", "--data", "synthetic", "--tokens",
+                                "128"]) == 0
+
+
 def test_init_from_a_moetrain_export_takes_the_runs_training_settings_and_resumes(tmp_path):
     """The architecture comes from the export; balancing, router freezing and capacity from
     the run's own config, not from the moetrain config the export carries. The same command

@@ -128,6 +128,28 @@ def test_command_writes_json_and_a_heatmap_per_layer(tmp_path, capsys):
                for i in range(2) for domain in ("arithmetic", "records", "prose", "code"))
 
 
+def test_seq_len_option_and_expert_choice_refused(tmp_path, capsys):
+    from moetrain.config import BalanceConfig
+    from tests.unit.test_trainer import tiny_run
+    from moetrain.train import Trainer
+    cfg = tiny_run(tmp_path, MoEConfig(num_experts=4, top_k=2, expert_hidden=16), steps=1)
+    Trainer(cfg).fit()  # data.seq_len = model.max_seq_len = 32
+    report = tmp_path / "report"
+    assert main([str(tmp_path / "run"), "--data", "synthetic", "--tokens", "200",
+                 "--seq-len", "16", "--out", str(report)]) == 0
+    result = json.loads((report / "specialisation.json").read_text())
+    assert {s["tokens"] for s in result["sources"].values()} == {192}  # 12 blocks of 16
+    assert main([str(tmp_path / "run"), "--data", "synthetic", "--seq-len", "64"]) == 2
+    assert "--seq-len 64 exceeds the model's max_seq_len 32" in capsys.readouterr().err
+    choice = tiny_run(tmp_path / "ec", MoEConfig(router="expert_choice", num_experts=4,
+                                                 expert_hidden=16, capacity_factor=1.0),
+                      BalanceConfig(aux_loss="none"), steps=1)
+    Trainer(choice).fit()
+    assert main([str(tmp_path / "ec" / "run"), "--data", "synthetic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "routes by expert choice" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("data,message", [
     (["poem=synthetic:poetry", "code=synthetic:code"], "unknown domain 'poetry'; valid: arith"),
     (["prose=synthetic:prose"], "1 source(s); the report compares at least 2"),
