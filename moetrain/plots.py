@@ -208,7 +208,8 @@ def loss_figure(metrics: RunMetrics) -> Figure:
     val = [r for r in metrics.records if "val_loss" in r]
     if train:
         label = "train" if key == "ce_loss" else "train (total loss, incl. auxiliary)"
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label=label, lw=1.2)
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label=label, lw=1.2,
+                **_lone_point(len(train)))
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3,
                 label="validation")
@@ -266,7 +267,7 @@ def layer_metric_figure(metrics: RunMetrics, key: str, label: str) -> Figure:
     ax = fig.add_subplot()
     for i, layer in enumerate(layers):
         ax.plot(steps, values[:, i], color=colors[i], lw=1.2 if len(layers) <= 4 else 0.8,
-                label=f"layer {layer}")
+                label=f"layer {layer}", **_lone_point(len(steps)))
     for mark in metrics.collapses:
         if mark.layer in layers:
             ax.axvline(mark.step, color=colors[layers.index(mark.layer)], ls="--", lw=1)
@@ -323,6 +324,11 @@ def write_plots(run_dir: Path, out: Path | None = None) -> list[Path]:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
+def _lone_point(points: int) -> dict:
+    """A line through one point draws nothing (a run that logged one step): mark it."""
+    return {"marker": "o", "ms": 4} if points == 1 else {}
+
 
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")

@@ -128,6 +128,14 @@ def test_loss_figure_has_units_and_marks_the_resume(moe_run):
     assert train.get_ydata()[-1] == 3.0  # ce_loss, not the total loss
 
 
+def test_a_run_that_logged_one_step_is_drawn(tmp_path):
+    metrics = plots.read_metrics(write_jsonl(tmp_path / "one", [moe_step(1, 4.0)]))
+    axes = [plots.loss_figure(metrics).axes[0],
+            plots.layer_metric_figure(metrics, "max_violation_global", "MaxVio").axes[0]]
+    for ax in axes:  # a line through one point has no length: each needs its marker
+        assert ax.lines and all(line.get_marker() == "o" for line in ax.lines)
+
+
 def vertical_lines_at(ax, step) -> list:
     return [line for line in ax.lines if list(line.get_xdata()) == [step, step]]
 
