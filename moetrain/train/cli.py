@@ -30,6 +30,16 @@ ConfigStore.instance().store(name="train_schema", node=RunConfig)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
+def check_experiment(name: str | None) -> None:
+    """train.yaml's `optional experiment` lets Hydra skip a name with no file without a word:
+    a misspelt experiment would run the defaults."""
+    if name in (None, "null"):
+        return
+    known = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+    if name not in known:
+        raise ValueError(f"experiment={name!r} is not one of {', '.join(known)}")
+
+
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     """Dotted keys that no field of the typed schema declares. Hydra adds `+key=value` to
     a structured config and OmegaConf.to_object then drops it silently."""
@@ -63,6 +73,10 @@ def config_from_overrides(overrides: list[str]) -> RunConfig:
     Hydra run): what a launcher checks before it starts any rank."""
     from hydra import compose, initialize_config_dir
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "experiment":
+            check_experiment(value)
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             dict_cfg = compose(config_name="train", overrides=list(overrides))
@@ -94,6 +108,8 @@ def main(dict_cfg: DictConfig) -> None:
     from moetrain.train.preemption import Preempted
     from moetrain.train.setup import apply_init_from_hf, dry_run, world_size_from_env
     try:
+        from hydra.core.hydra_config import HydraConfig
+        check_experiment(HydraConfig.get().runtime.choices.get("experiment"))
         cfg = to_run_config(dict_cfg)
         if cfg.name == RunConfig.name:
             cfg.name = _name_from_choices()

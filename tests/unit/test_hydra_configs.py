@@ -127,6 +127,17 @@ def test_cli_invalid_config_exits_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_misspelt_experiment_is_an_error_not_the_defaults(tmp_path):
+    from moetrain.train.cli import config_from_overrides
+    message = "experiment='quik' is not one of balancing, moe_vs_dense, quick"
+    with pytest.raises(ValueError, match=message):
+        config_from_overrides(["experiment=quik"])
+    assert config_from_overrides(["experiment=quick"]).train.steps == 40
+    for args in (["experiment=quik"], ["-m", "experiment=quik"]):  # a sweep's jobs too
+        proc = run_cli(*args, "dry_run=true", f"run_dir={tmp_path / 'run'}")
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(message), proc.stderr
+
+
 def test_cli_wrong_type_override_fails_with_hydra_message():
     proc = run_cli("train.steps=many")
     assert proc.returncode != 0
