@@ -61,7 +61,10 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i != self.eos_id).decode("utf-8", errors="replace")
+        """Ids past the 256 bytes (a model.vocab_size padded beyond the tokenizer's) stand
+        for no text and are dropped, as the tokenizers library drops ids it does not know."""
+        return bytes(i for i in ids if i != self.eos_id and 0 <= i < 256).decode(
+            "utf-8", errors="replace")
 
 
 class FileTokenizer:
@@ -84,8 +87,13 @@ class FileTokenizer:
         if eos is None or self._tok.token_to_id(eos) is None:
             eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
                         if self._tok.token_to_id(t) is not None), None)
+        if eos is None:  # id 0 would be an ordinary token, e.g. '!', cut out of every text
+            raise ValueError(f"data.tokenizer={path!r} has no end-of-text token (none of "
+                             "</s>, <|endoftext|>, <eos>, [SEP], and no eos_token in a "
+                             "tokenizer_config.json beside it); moetrain separates documents "
+                             "with one")
         self.eos_token = eos
-        self.eos_id = self._tok.token_to_id(eos) if eos else 0
+        self.eos_id = self._tok.token_to_id(eos)
         self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
     @property

@@ -115,6 +115,26 @@ def test_train_tokenizer_script_writes_a_tokenizer_the_trainer_reads(tmp_path):
     assert train.next_batch().max() > 255
 
 
+def test_a_tokenizer_without_an_end_of_text_token_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world! " * 50], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert tok.id_to_token(0) == "!"  # what an eos id of 0 would have cut from every text
+    with pytest.raises(ValueError, match=r"has no end-of-text token .*separates documents"):
+        build_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "!"}))
+    assert build_tokenizer(str(tmp_path)).eos_id == 0  # named: the user's choice
+
+
+def test_byte_decode_drops_ids_past_the_bytes():
+    # a model.vocab_size padded beyond the tokenizer's can sample ids that stand for no text
+    assert build_tokenizer("byte").decode([104, 300, 105, 0, 256]) == "hi"
+
+
 def test_pack_keeps_whole_blocks_only():
     from moetrain.data.loader import pack
     blocks = pack([[5, 6, 7], [8]], eos_id=0, block=3)  # 5 6 7 0 8 0 -> two blocks
