@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", help="run directory (newest checkpoint), checkpoint "
                                        "directory, or hf:DIR")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: 200, or what the model's context leaves after the "
+                             "prompt")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -133,15 +135,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_sampling(args.max_new_tokens or 0, args.temperature, args.top_k, args.top_p)
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
         with warnings.catch_warnings():
             # DCP's notice that it loads in one process: expected here, and noise on stderr
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             model, cfg = load_model(args.source, device=args.device)
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         prompt_ids = tokenizer.encode(args.prompt)
+        max_new_tokens = args.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = min(200, max(model.cfg.max_seq_len - len(prompt_ids), 1))
         start = time.perf_counter()
-        new_ids = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+        new_ids = generate(model, prompt_ids, max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            eos_id=tokenizer.eos_id)
         seconds = time.perf_counter() - start

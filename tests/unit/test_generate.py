@@ -232,6 +232,25 @@ def test_cli_prints_prompt_and_greedy_continuation(tiny_checkpoint, capsys):
     assert f"{len(new_ids)} new tokens in" in err and "tokens/s" in err
 
 
+def test_cli_default_length_is_what_the_context_leaves(tiny_checkpoint, capsys):
+    main([str(tiny_checkpoint), "--prompt", "The heron", "--temperature", "0"])  # 9 tokens
+    out, err = capsys.readouterr()
+    model, cfg = load_model(tiny_checkpoint)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    new_ids = generate(model, tokenizer.encode("The heron"), 48 - 9, temperature=0,
+                       eos_id=tokenizer.eos_id)
+    assert f"{len(new_ids)} new tokens in" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_a_gpu_is_one_error_line(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_checkpoint), "--prompt", "x", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("moetrain.generate: error: --device cuda: no CUDA "
+                                       "device here; use --device cpu\n")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
     (["--max-new-tokens", "60"], "prompt (9 tokens) + max_new_tokens (60) = 69 exceeds "
