@@ -66,6 +66,11 @@ def _fail(setting: str, why: str) -> None:
     raise ValueError(f"{setting} has no transformers equivalent: {why}")
 
 
+def _refuse(setting: str, why: str) -> None:
+    """An import's refusal: a config.json field moetrain cannot build."""
+    raise ValueError(f"{setting} in config.json has no moetrain equivalent: {why}")
+
+
 # --------------------------------------------------------------------------- moetrain -> HF
 def _common_to_hf(m: ModelConfig, eos_id: int | None) -> dict:
     return {
@@ -160,22 +165,22 @@ def _common_from_hf(c: dict) -> dict:
     heads = c["num_attention_heads"]
     dim = c["hidden_size"]
     if _get(c, "hidden_act", "silu") != "silu":
-        _fail(f"hidden_act={c['hidden_act']!r}", "moetrain's FFNs are SwiGLU (silu)")
+        _refuse(f"hidden_act={c['hidden_act']!r}", "moetrain's FFNs are SwiGLU (silu)")
     head_dim = c.get("head_dim")
     if head_dim is not None and head_dim != dim // heads:
-        _fail(f"head_dim={head_dim}", f"moetrain's attention uses hidden_size / "
+        _refuse(f"head_dim={head_dim}", f"moetrain's attention uses hidden_size / "
               f"num_attention_heads = {dim // heads}")
     for key in ("attention_bias", "mlp_bias", "use_qk_norm"):
         if c.get(key):
-            _fail(f"{key}=true", "moetrain's projections have no bias and no q/k norm")
+            _refuse(f"{key}=true", "moetrain's projections have no bias and no q/k norm")
     if c.get("sliding_window") and c["sliding_window"] < c["max_position_embeddings"]:
-        _fail(f"sliding_window={c['sliding_window']}", "moetrain's attention is full causal")
+        _refuse(f"sliding_window={c['sliding_window']}", "moetrain's attention is full causal")
     rope = dict(c.get("rope_parameters") or {})
     if c.get("rope_scaling"):
         rope.update(c["rope_scaling"])
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        _fail(f"rope_type={rope_type!r}", "moetrain implements plain RoPE only")
+        _refuse(f"rope_type={rope_type!r}", "moetrain implements plain RoPE only")
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     return dict(vocab_size=c["vocab_size"], dim=dim, n_layers=c["num_hidden_layers"],
                 n_heads=heads, n_kv_heads=_get(c, "num_key_value_heads", heads),
@@ -193,7 +198,7 @@ def _partial_rotary(c: dict, default: float) -> float:
 def mixtral_from_hf(c: dict) -> ModelConfig:
     common = _common_from_hf(c)
     if _get(c, "router_jitter_noise", 0.0):
-        _fail(f"router_jitter_noise={c['router_jitter_noise']}", "transformers' jitter also "
+        _refuse(f"router_jitter_noise={c['router_jitter_noise']}", "transformers' jitter also "
               "scales the experts' input; moetrain's moe.router_jitter scales only the "
               "router's. Set it to 0 in config.json and use moe.router_jitter")
     moe = MoEConfig(router="softmax_topk", num_experts=c["num_local_experts"],
@@ -206,7 +211,7 @@ def glm4_moe_from_hf(c: dict) -> ModelConfig:
     common = _common_from_hf(c)
     factor = _partial_rotary(c, 0.5)  # Glm4MoeConfig's default when the field is absent
     if factor != 1.0:
-        _fail(f"partial_rotary_factor={factor}", "moetrain rotates the whole head dimension")
+        _refuse(f"partial_rotary_factor={factor}", "moetrain rotates the whole head dimension")
     moe = MoEConfig(router="sigmoid", num_experts=c["n_routed_experts"],
                     top_k=c["num_experts_per_tok"], expert_hidden=c["moe_intermediate_size"],
                     n_shared_experts=_get(c, "n_shared_experts", 1),
@@ -220,7 +225,7 @@ def glm4_moe_from_hf(c: dict) -> ModelConfig:
 
 def llama_from_hf(c: dict) -> ModelConfig:
     if _get(c, "pretraining_tp", 1) != 1:
-        _fail(f"pretraining_tp={c['pretraining_tp']}", "moetrain's projections are unsplit")
+        _refuse(f"pretraining_tp={c['pretraining_tp']}", "moetrain's projections are unsplit")
     return ModelConfig(**_common_from_hf(c), ffn_hidden=c["intermediate_size"], moe=None)
 
 
