@@ -16,6 +16,7 @@ input (the router's input in an MoE layer; 1.0 means every token looks the same 
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 from moetrain.presets import SHIPPED_BALANCE
 from moetrain.probes import residual_report
@@ -59,22 +60,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--family", default="deepseek_tiny", choices=sorted(SHIPPED_BALANCE))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--at", type=int, nargs="+", default=[10, 20, 30, 50, 100])
-    parser.add_argument("--run-dir", default="runs/probe_residual")
+    parser.add_argument("--run-dir", default=None,
+                        help="keep the run here (default: a temporary directory, removed)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (after the defaults)")
     args = parser.parse_args(argv)
     if min(args.at) < 1:
         parser.error(f"--at {min(args.at)}: report steps start at 1")
-    cfg = config_from_overrides([
-        f"model={args.family}", f"balance={SHIPPED_BALANCE[args.family]}", "data=python_stdlib",
-        "train.steps=300", "train.grad_accum=2", "logger=none", "logger.plots=false",
-        "train.val_every=0", "checkpoint.at_end=false", "checkpoint.on_preempt=false",
-        f"train.seed={args.seed}", f"run_dir={args.run_dir}",
-        f"train.exit_at_step={max(args.at)}", *args.overrides])
-    if max(args.at) > cfg.train.steps:
-        parser.error(f"--at {max(args.at)} is past train.steps={cfg.train.steps}")
-    trainer = ProbedTrainer(cfg, args.at)
-    trainer.fit()
-    return trainer.reports
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = config_from_overrides([
+            f"model={args.family}", f"balance={SHIPPED_BALANCE[args.family]}",
+            "data=python_stdlib", "train.steps=300", "train.grad_accum=2", "logger=none",
+            "logger.plots=false", "train.val_every=0", "checkpoint.at_end=false",
+            "checkpoint.on_preempt=false", f"train.seed={args.seed}",
+            f"run_dir={args.run_dir or scratch}", f"train.exit_at_step={max(args.at)}",
+            *args.overrides])
+        if max(args.at) > cfg.train.steps:
+            parser.error(f"--at {max(args.at)} is past train.steps={cfg.train.steps}")
+        trainer = ProbedTrainer(cfg, args.at)
+        trainer.fit()
+        return trainer.reports
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ def test_statistics_match_loops():
 
 def test_two_steps_report_every_layer(tmp_path, capsys):
     reports = probe_residual.main([
-        "--at", "1", "2", "--run-dir", str(tmp_path / "run"), "train.micro_batch_size=2",
-        "data.seq_len=32"])
+        "--at", "1", "2", "--", "train.micro_batch_size=2", "data.seq_len=32"])
+    again = probe_residual.main([  # the default run dir is scratch: a second run is welcome
+        "--at", "1", "--", "train.micro_batch_size=2", "data.seq_len=32"])
+    assert again[1] == reports[1]
     assert sorted(reports) == [1, 2]
     for rows in reports.values():
         assert [row["layer"] for row in rows] == [0, 1, 2, 3]
