@@ -169,7 +169,7 @@ def _common_from_hf(c: dict) -> dict:
     head_dim = c.get("head_dim")
     if head_dim is not None and head_dim != dim // heads:
         _refuse(f"head_dim={head_dim}", f"moetrain's attention uses hidden_size / "
-              f"num_attention_heads = {dim // heads}")
+                f"num_attention_heads = {dim // heads}")
     for key in ("attention_bias", "mlp_bias", "use_qk_norm"):
         if c.get(key):
             _refuse(f"{key}=true", "moetrain's projections have no bias and no q/k norm")
@@ -198,9 +198,9 @@ def _partial_rotary(c: dict, default: float) -> float:
 def mixtral_from_hf(c: dict) -> ModelConfig:
     common = _common_from_hf(c)
     if _get(c, "router_jitter_noise", 0.0):
-        _refuse(f"router_jitter_noise={c['router_jitter_noise']}", "transformers' jitter also "
-              "scales the experts' input; moetrain's moe.router_jitter scales only the "
-              "router's. Set it to 0 in config.json and use moe.router_jitter")
+        _refuse(f"router_jitter_noise={c['router_jitter_noise']}", "transformers' jitter "
+                "also scales the experts' input; moetrain's moe.router_jitter scales only the "
+                "router's. Set it to 0 in config.json and use moe.router_jitter")
     moe = MoEConfig(router="softmax_topk", num_experts=c["num_local_experts"],
                     top_k=c["num_experts_per_tok"], expert_hidden=c["intermediate_size"],
                     norm_topk_prob=True)
