@@ -8,8 +8,9 @@ On CUDA with bf16 the projections are `torch._grouped_mm` calls (no host sync). 
 whole expert FFN runs in `_SwiGLUExpertsCPU`, an autograd function that walks the experts once,
 in blocks of consecutive experts (`walk_blocks`): a block's rows stay in cache from the gate/up
 matmuls through SwiGLU, the down matmul and the gate scaling, and its backward writes each
-expert's weight gradient straight into one preallocated (E, out, in) tensor. Autograd over `weight[e]` indexing would instead allocate and
-zero-fill a full-size stacked gradient per expert (what makes the HF Mixtral block slow).
+expert's weight gradient straight into one preallocated (E, out, in) tensor. Autograd over
+`weight[e]` indexing would instead allocate and zero-fill a full-size stacked gradient per
+expert (what makes the HF Mixtral block slow).
 """
 
 from __future__ import annotations
