@@ -216,7 +216,7 @@ def loss_figure(metrics: RunMetrics) -> Figure:
     for i, step in enumerate(metrics.resume_steps):
         ax.axvline(step, color="grey", lw=0.8, ls=":", label="resumed" if i == 0 else None)
     ax.set(xlabel="step", ylabel=LOSS_UNIT, title="loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _step_axis(ax, [r["step"] for r in train + val])
     ax.grid(alpha=0.3)
     ax.legend()
     return fig
@@ -282,7 +282,7 @@ def layer_metric_figure(metrics: RunMetrics, key: str, label: str) -> Figure:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="step", ylabel=label, title=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _step_axis(ax, steps)
     ax.grid(alpha=0.3, which="both" if ax.get_yscale() == "log" else "major")
     collapse_key = Line2D([], [], color="grey", ls="--", lw=1, label="collapse")
     if len(layers) <= MAX_LEGEND_LAYERS:
@@ -324,6 +324,14 @@ def write_plots(run_dir: Path, out: Path | None = None) -> list[Path]:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+
+def _step_axis(ax, steps: list[int]) -> None:
+    """Integer step ticks; around a single step, a span of one step each side (matplotlib
+    would otherwise tick fractions of a step)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(set(steps)) == 1:
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+
 
 def _lone_point(points: int) -> dict:
     """A line through one point draws nothing (a run that logged one step): mark it."""

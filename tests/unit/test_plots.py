@@ -134,6 +134,7 @@ def test_a_run_that_logged_one_step_is_drawn(tmp_path):
             plots.layer_metric_figure(metrics, "max_violation_global", "MaxVio").axes[0]]
     for ax in axes:  # a line through one point has no length: each needs its marker
         assert ax.lines and all(line.get_marker() == "o" for line in ax.lines)
+        assert ax.get_xlim() == (0, 2)  # whole steps around it, not fractions of one
 
 
 def vertical_lines_at(ax, step) -> list:
