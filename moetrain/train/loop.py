@@ -313,9 +313,9 @@ class Trainer:
                 record["val_loss"] = val_loss
                 # bits per byte, as moetrain.evaluate reports: comparable across tokenizers
                 # (none for validation text of empty documents alone)
-                if self.val_bytes_per_token() > 0:
-                    record["val_bits_per_byte"] = val_loss / (math.log(2)
-                                                              * self.val_bytes_per_token())
+                bytes_per_token = self.val_bytes_per_token()
+                if bytes_per_token > 0:
+                    record["val_bits_per_byte"] = val_loss / (math.log(2) * bytes_per_token)
                 summary["val_loss"] = val_loss
                 if val_loads is not None:
                     metrics = load_metrics(val_loads)
