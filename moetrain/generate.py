@@ -65,6 +65,9 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # ties: the lowest id
+    # The largest logit becomes 0 first (the same distribution): a tiny temperature then
+    # takes the others to -inf, not every logit to +-inf, whose softmax is NaN.
+    logits = logits - logits.amax(dim=-1, keepdim=True)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 

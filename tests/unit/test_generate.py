@@ -11,7 +11,7 @@ from moetrain.checkpoint import load_model
 from moetrain.config import (DataConfig, LoggerConfig, LoopConfig, ModelConfig, MoEConfig,
                              OptimConfig, RunConfig, WandbConfig)
 from moetrain.data.tokenizer import build_tokenizer
-from moetrain.generate import filter_logits, generate, main
+from moetrain.generate import filter_logits, generate, main, next_token
 from moetrain.model import Transformer
 from moetrain.presets import tiny_deepseek, tiny_mixtral
 
@@ -197,6 +197,18 @@ def test_filtering_equals_transformers_warpers(temperature, top_k, top_p):
     if top_p is not None and top_p < 1:
         expected = warpers.TopPLogitsWarper(top_p)(None, expected)
     assert torch.equal(filter_logits(logits, temperature, top_k, top_p), expected)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_a_tiny_temperature_samples_the_most_likely_tokens(temperature):
+    """As the temperature goes to 0 sampling becomes greedy, ties shared: never NaN (logits
+    divided by 1e-40 overflow to +-inf, and a softmax of infinities is NaN)."""
+    logits = torch.tensor([[2.0, 7.5, -3.0, 7.5, 1.0], [0.5, -1.0, 4.0, 3.99, 2.0]])
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([next_token(logits, temperature, None, None, generator)
+                       for _ in range(200)], dim=1)
+    assert set(drawn[0].tolist()) == {1, 3}  # the two tied maxima, both drawn
+    assert set(drawn[1].tolist()) == {2}
 
 
 # ------------------------------------------------------------------------------ the CLI
