@@ -28,7 +28,8 @@ depend on --batch-size, as in training, never on the number of ranks.
 
 Data (default: the checkpoint's own validation blocks, exactly as the trainer built them): with
 `--data PATH` a local file, glob or directory read by `datasets` as `--source` (default: json
-for .json/.jsonl, parquet for .parquet, else text; `hub` takes a dataset name and `--split`).
+for .json/.jsonl, parquet for .parquet, else text, from the name or from the files a directory
+or glob holds; `hub` takes a dataset name and `--split`).
 Column, tokenizer and seq_len default to the checkpoint's.
 
 Batches are cut from the blocks in order (the last one may be shorter) and handed to ranks in
@@ -182,13 +183,26 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, *,
 
 
 # ---------------------------------------------------------------------------- data
-def _infer_source(path: str) -> str:
-    name = path.lower().removesuffix(".gz")
+def _source_of(name: str) -> str:
+    name = name.lower().removesuffix(".gz")
     if name.endswith((".json", ".jsonl")):
         return "json"
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
+
+
+def _infer_source(path: str) -> str:
+    """--data's reader from its extension; a directory's or a glob's from its files'."""
+    if os.path.isdir(path):
+        files = [f for f in os.listdir(path) if not f.startswith(".")]
+    else:
+        files = glob.glob(path) or [path]
+    sources = sorted({_source_of(f) for f in files})
+    if len(sources) > 1:
+        raise ValueError(f"--data {path!r} holds {' and '.join(sources)} files: name one kind "
+                         "(e.g. a glob like dir/*.jsonl) or pass --source")
+    return sources[0] if sources else "text"
 
 
 def eval_data_config(base: DataConfig, data: str | None = None, source: str | None = None,
@@ -343,8 +357,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="file, glob or directory (hub: a dataset name); default: the "
                              "checkpoint's validation data")
     parser.add_argument("--source", choices=("text", "json", "parquet", "synthetic", "hub"),
-                        help="how to read --data (default: from its extension: .json/.jsonl "
-                             "json, .parquet parquet, else text)")
+                        help="how to read --data (default: from its extension, or its files' "
+                             "in a directory or glob: .json/.jsonl json, .parquet parquet, else "
+                             "text)")
     parser.add_argument("--split", help="hub split (default: validation)")
     parser.add_argument("--column", help="text column (default: the checkpoint's)")
     parser.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the "

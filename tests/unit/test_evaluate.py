@@ -99,6 +99,28 @@ def test_bits_per_byte_by_hand(loaded, tmp_path):
     assert result.loss == pytest.approx(reference_loss(loaded.model, blocks)[0], abs=1e-6)
 
 
+@pytest.mark.parametrize("spelling", ["dir", "glob"])
+def test_a_directory_of_jsonl_files_is_read_as_json(loaded, tmp_path, spelling):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, text in (("a.jsonl", "first document"), ("b.jsonl", "second one")):
+        (folder / name).write_text(json.dumps({"text": text}) + "\n")
+    data = str(folder) if spelling == "dir" else str(folder / "*.jsonl")
+    cfg = eval_data_config(loaded.cfg.data, data=data, seq_len=8)
+    assert cfg.source == "json"
+    blocks, _ = eval_blocks(cfg, 256, 32, own_validation=False)
+    texts = bytes(t for t in blocks.flatten().tolist() if t != 0)
+    assert texts.startswith(b"first documentsec") and b"{" not in texts  # not their JSON
+
+
+def test_a_directory_of_mixed_files_needs_a_source(loaded, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "b.txt").write_text("y\n")
+    with pytest.raises(ValueError, match="holds json and text files: .* or pass --source"):
+        eval_data_config(loaded.cfg.data, data=str(tmp_path))
+    assert eval_data_config(loaded.cfg.data, data=str(tmp_path), source="text").source == "text"
+
+
 def test_bytes_per_token_of_a_byte_level_bpe_add_up_to_the_text(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
