@@ -161,7 +161,17 @@ def _get(c: dict, key: str, default=None):
     return default if value is None else value
 
 
-def _common_from_hf(c: dict) -> dict:
+# What transformers' config classes (5.x) assume for a field config.json leaves out: an
+# import must build the model transformers would, not one with moetrain's own defaults.
+MIXTRAL_DEFAULTS = dict(rope_theta=1e6, rms_norm_eps=1e-5, num_key_value_heads=8,
+                        max_position_embeddings=4096 * 32)
+GLM4_MOE_DEFAULTS = dict(rope_theta=1e4, rms_norm_eps=1e-5, num_key_value_heads=8,
+                         max_position_embeddings=131072)
+LLAMA_DEFAULTS = dict(rope_theta=1e4, rms_norm_eps=1e-6, num_key_value_heads=None,  # = heads
+                      max_position_embeddings=2048)
+
+
+def _common_from_hf(c: dict, defaults: dict) -> dict:
     heads = c["num_attention_heads"]
     dim = c["hidden_size"]
     if _get(c, "hidden_act", "silu") != "silu":
@@ -173,7 +183,8 @@ def _common_from_hf(c: dict) -> dict:
     for key in ("attention_bias", "mlp_bias", "use_qk_norm"):
         if c.get(key):
             _refuse(f"{key}=true", "moetrain's projections have no bias and no q/k norm")
-    if c.get("sliding_window") and c["sliding_window"] < c["max_position_embeddings"]:
+    max_positions = _get(c, "max_position_embeddings", defaults["max_position_embeddings"])
+    if c.get("sliding_window") and c["sliding_window"] < max_positions:
         _refuse(f"sliding_window={c['sliding_window']}", "moetrain's attention is full causal")
     rope = dict(c.get("rope_parameters") or {})
     if c.get("rope_scaling"):
@@ -181,11 +192,12 @@ def _common_from_hf(c: dict) -> dict:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         _refuse(f"rope_type={rope_type!r}", "moetrain implements plain RoPE only")
-    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    theta = _get(rope, "rope_theta", _get(c, "rope_theta", defaults["rope_theta"]))
     return dict(vocab_size=c["vocab_size"], dim=dim, n_layers=c["num_hidden_layers"],
-                n_heads=heads, n_kv_heads=_get(c, "num_key_value_heads", heads),
-                max_seq_len=c["max_position_embeddings"], rope_theta=float(theta),
-                norm_eps=float(_get(c, "rms_norm_eps", 1e-6)),
+                n_heads=heads,
+                n_kv_heads=_get(c, "num_key_value_heads", defaults["num_key_value_heads"] or heads),
+                max_seq_len=max_positions, rope_theta=float(theta),
+                norm_eps=float(_get(c, "rms_norm_eps", defaults["rms_norm_eps"])),
                 tie_embeddings=bool(c.get("tie_word_embeddings", False)),
                 init_std=float(_get(c, "initializer_range", 0.02)))
 
@@ -196,7 +208,7 @@ def _partial_rotary(c: dict, default: float) -> float:
 
 
 def mixtral_from_hf(c: dict) -> ModelConfig:
-    common = _common_from_hf(c)
+    common = _common_from_hf(c, MIXTRAL_DEFAULTS)
     if _get(c, "router_jitter_noise", 0.0):
         _refuse(f"router_jitter_noise={c['router_jitter_noise']}", "transformers' jitter "
                 "also scales the experts' input; moetrain's moe.router_jitter scales only the "
@@ -208,7 +220,7 @@ def mixtral_from_hf(c: dict) -> ModelConfig:
 
 
 def glm4_moe_from_hf(c: dict) -> ModelConfig:
-    common = _common_from_hf(c)
+    common = _common_from_hf(c, GLM4_MOE_DEFAULTS)
     factor = _partial_rotary(c, 0.5)  # Glm4MoeConfig's default when the field is absent
     if factor != 1.0:
         _refuse(f"partial_rotary_factor={factor}", "moetrain rotates the whole head dimension")
@@ -226,7 +238,8 @@ def glm4_moe_from_hf(c: dict) -> ModelConfig:
 def llama_from_hf(c: dict) -> ModelConfig:
     if _get(c, "pretraining_tp", 1) != 1:
         _refuse(f"pretraining_tp={c['pretraining_tp']}", "moetrain's projections are unsplit")
-    return ModelConfig(**_common_from_hf(c), ffn_hidden=c["intermediate_size"], moe=None)
+    return ModelConfig(**_common_from_hf(c, LLAMA_DEFAULTS), ffn_hidden=c["intermediate_size"],
+                       moe=None)
 
 
 # --------------------------------------------------------------------------- the families
@@ -292,7 +305,11 @@ def model_config_from_hf(c: dict) -> ModelConfig:
     describes the same model as the transformers fields, so a round trip keeps balancing and
     init settings. If the file was edited since, the transformers fields win."""
     family = family_of_hf(c)
-    derived = family.from_hf(c)
+    try:
+        derived = family.from_hf(c)
+    except KeyError as error:  # a field transformers' config class has no default for either
+        raise ValueError(f"config.json has no {error.args[0]!r} (model_type "
+                         f"{family.name!r} needs it)") from None
     derived.validate()
     stashed = c.get(STASH_KEY)
     if stashed:

@@ -109,6 +109,48 @@ def test_import_of_a_dense_llama(tmp_path):
     assert_same_logits(model, tmp_path / "llama", 64)
 
 
+def hf_llama(tmp_path: Path) -> Path:
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=40,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "glm4_moe", "llama"])
+def test_import_takes_transformers_defaults_for_fields_config_json_leaves_out(tmp_path,
+                                                                             family):
+    """A hand-written config.json may leave out fields; the model must be the one
+    transformers builds from it, whose defaults differ by family (Mixtral's rope theta is 1e6,
+    its eps 1e-5)."""
+    directory = {"mixtral": hf_mixtral, "glm4_moe": hf_glm4_moe, "llama": hf_llama}[family](
+        tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("rms_norm_eps", "max_position_embeddings", "rope_theta"):
+        config.pop(key, None)
+    config.get("rope_parameters", {}).pop("rope_theta", None)
+    if family == "llama":  # the saved weights have as many kv heads as heads
+        config.pop("num_key_value_heads")
+    (directory / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoConfig.from_pretrained(directory)
+    ours = model_config_from_hf(config)
+    assert ours.norm_eps == theirs.rms_norm_eps
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.max_seq_len == theirs.max_position_embeddings
+    assert ours.n_kv_heads == theirs.num_key_value_heads
+    model, _ = load_model(f"hf:{directory}")
+    assert_same_logits(model, directory, 96)
+
+
+def test_import_of_a_config_without_a_needed_field_is_one_line(tmp_path):
+    config = json.loads((hf_mixtral(tmp_path) / "config.json").read_text())
+    del config["num_local_experts"]
+    with pytest.raises(ValueError, match="config.json has no 'num_local_experts' "
+                                         r"\(model_type 'mixtral' needs it\)"):
+        model_config_from_hf(config)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("use_qk_norm", True, "use_qk_norm=true"),
     ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
