@@ -165,6 +165,8 @@ def import_model_config(directory: str | Path, keep: ModelConfig | None = None) 
     any that a checkpoint exported by moetrain carries."""
     config = read_hf_config(directory)
     model = model_config_from_hf(config)
+    if model.tie_embeddings and _stores_its_own_head(directory):
+        model.tie_embeddings = False  # as transformers does: it keeps such a head untied
     if keep is not None:
         model.balance = keep.balance
         if model.moe is not None and keep.moe is not None:
@@ -211,9 +213,23 @@ def load_hf_weights_(model: Transformer, directory: str | Path) -> None:
             local.copy_(reader.read(hf_names[0], region))
 
 
+def _stores_its_own_head(directory: str | Path) -> bool:
+    """True if the weights hold an lm_head that differs from the embeddings (an equal one is
+    the tied head, saved twice)."""
+    try:
+        reader = ShardedReader(Path(directory))
+    except ValueError:  # no weights (yet): loading them says so
+        return False
+    if "lm_head.weight" not in reader.names():
+        return False
+    return not torch.equal(reader.read("lm_head.weight"),
+                           reader.read("model.embed_tokens.weight"))
+
+
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
     """Tensors transformers itself skips on load: GLM's multi-token-prediction layers (after
-    the last layer), and a stored lm_head when the embeddings are tied."""
+    the last layer), and a stored lm_head when the embeddings are tied (equal to them:
+    `import_model_config` unties a model whose stored head differs)."""
     if name == "lm_head.weight" and cfg.tie_embeddings:
         return True
     parts = name.split(".")

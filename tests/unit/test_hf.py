@@ -151,6 +151,27 @@ def test_import_of_a_config_without_a_needed_field_is_one_line(tmp_path):
         model_config_from_hf(config)
 
 
+@pytest.mark.parametrize("head", ["different", "equal"])
+def test_a_tied_model_that_stores_its_own_head_loads_as_transformers_loads_it(tmp_path, head):
+    """transformers leaves the embeddings untied when the checkpoint's lm_head differs from
+    them (and ties an equal one)."""
+    from safetensors.torch import load_file, save_file
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   max_position_embeddings=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    weights = tmp_path / "llama" / "model.safetensors"
+    tensors = load_file(weights)
+    embeddings = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = (torch.randn_like(embeddings) if head == "different"
+                                 else embeddings.clone())
+    save_file(tensors, weights, metadata={"format": "pt"})
+    model, run_cfg = load_model(f"hf:{tmp_path / 'llama'}")
+    assert run_cfg.model.tie_embeddings == (head == "equal")
+    assert_same_logits(model, tmp_path / "llama", 64)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("use_qk_norm", True, "use_qk_norm=true"),
     ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
