@@ -72,6 +72,12 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def new_tokens_that_fit(max_seq_len: int, prompt_len: int) -> int:
+    """The model sees the prompt and every new token but the last: a prompt of max_seq_len
+    tokens still gets one."""
+    return max_seq_len - prompt_len + 1
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -82,10 +88,12 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty: generation needs at least one token to start from")
     limit, total = model.cfg.max_seq_len, len(prompt_ids) + max_new_tokens
-    if total > limit:
+    if len(prompt_ids) > limit or total - 1 > limit:  # the last new token is never fed back
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
-                         f"({max_new_tokens}) = {total} exceeds model.max_seq_len={limit}; "
-                         f"at most {max(limit - len(prompt_ids), 0)} new tokens fit this prompt")
+                         f"({max_new_tokens}) - 1 = {total - 1} positions exceed "
+                         f"model.max_seq_len={limit}; at most "
+                         f"{max(new_tokens_that_fit(limit, len(prompt_ids)), 0)} new tokens fit "
+                         "this prompt")
     vocab = model.cfg.vocab_size
     bad = next((i for i in prompt_ids if not 0 <= i < vocab), None)
     if bad is not None:
@@ -149,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         prompt_ids = tokenizer.encode(args.prompt)
         max_new_tokens = args.max_new_tokens
         if max_new_tokens is None:
-            max_new_tokens = min(200, max(model.cfg.max_seq_len - len(prompt_ids), 1))
+            max_new_tokens = min(200, max(new_tokens_that_fit(model.cfg.max_seq_len,
+                                                              len(prompt_ids)), 1))
         start = time.perf_counter()
         new_ids = generate(model, prompt_ids, max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,

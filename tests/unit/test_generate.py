@@ -129,6 +129,18 @@ def test_zero_new_tokens_and_a_prompt_that_fills_the_model():
     assert len(generate(model, prompt(63), 1, temperature=0)) == 1
 
 
+@pytest.mark.parametrize("name", ["dense", "mixtral"])
+def test_a_prompt_that_fills_the_context_still_gets_its_next_token(name):
+    """The model sees every token but the last new one: a prompt of max_seq_len tokens (64)
+    gets one more, the argmax of one full forward; 10 tokens get 55."""
+    model = build(name)
+    full = prompt(64)
+    with torch.no_grad():
+        expected = model(torch.tensor([full]))[0][0, -1].argmax().item()
+    assert generate(model, full, 1, temperature=0) == [expected]
+    assert len(generate(model, prompt(10), 55, temperature=0)) == 55
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(temperature=-0.5), r"temperature=-0.5 must be >= 0"),
     (dict(temperature=float("nan")), r"temperature=nan must be >= 0"),
@@ -137,8 +149,9 @@ def test_zero_new_tokens_and_a_prompt_that_fills_the_model():
     (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
     (dict(max_new_tokens=-1), r"max_new_tokens=-1 must be >= 0"),
     (dict(max_new_tokens=20, prompt_ids=prompt(50)),
-     r"prompt \(50 tokens\) \+ max_new_tokens \(20\) = 70 exceeds model.max_seq_len=64; at "
-     r"most 14 new tokens fit"),
+     r"prompt \(50 tokens\) \+ max_new_tokens \(20\) - 1 = 69 positions exceed "
+     r"model.max_seq_len=64; at most 15 new tokens fit"),
+    (dict(max_new_tokens=0, prompt_ids=prompt(65)), r"prompt \(65 tokens\) .* at most 0 new"),
     (dict(prompt_ids=[]), r"the prompt is empty"),
     (dict(prompt_ids=[1, 64]), r"prompt token id 64 is outside the model's vocabulary \[0, 64\)"),
 ])
@@ -249,7 +262,7 @@ def test_cli_default_length_is_what_the_context_leaves(tiny_checkpoint, capsys):
     out, err = capsys.readouterr()
     model, cfg = load_model(tiny_checkpoint)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    new_ids = generate(model, tokenizer.encode("The heron"), 48 - 9, temperature=0,
+    new_ids = generate(model, tokenizer.encode("The heron"), 48 - 9 + 1, temperature=0,
                        eos_id=tokenizer.eos_id)
     assert f"{len(new_ids)} new tokens in" in err
 
@@ -265,8 +278,8 @@ def test_cli_cuda_without_a_gpu_is_one_error_line(tiny_checkpoint, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
-    (["--max-new-tokens", "60"], "prompt (9 tokens) + max_new_tokens (60) = 69 exceeds "
-                                 "model.max_seq_len=48"),
+    (["--max-new-tokens", "60"], "prompt (9 tokens) + max_new_tokens (60) - 1 = 68 "
+                                 "positions exceed model.max_seq_len=48; at most 40 new"),
 ])
 def test_cli_bad_input_is_one_error_line_and_exit_2(tiny_checkpoint, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
