@@ -31,7 +31,7 @@ from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, fin
 from moetrain.train.preemption import STOP, Preempted
 from moetrain.train.setup import (apply_init_from_hf, build_model, check_new_run_dir,
                                   check_same_tokenizer, choose_run_dir, describe, join_ranks,
-                                  world_size_from_env)
+                                  record_absolute_paths, world_size_from_env)
 from moetrain.train.throughput import PhaseTimer, Throughput, flops_per_token, peak_flops
 
 
@@ -63,10 +63,8 @@ class Trainer:
         lora = cfg.finetune.lora.enabled
         if lora and init_from is not None:
             check_lora_base(cfg.init_from)
-            # the adapters' checkpoints name their base: make it findable from anywhere
-            cfg.init_from = str(init_from.resolve())
-        elif lora:
-            cfg.init_from = f"hf:{os.path.abspath(hf_dir)}"
+        # config.yaml (and a LoRA checkpoint, which names its base) must work from anywhere
+        record_absolute_paths(cfg)
         self.ranks = join_ranks(cfg)
         self.rank, self.world, self.device = self.ranks.rank, self.ranks.world, self.ranks.device
         self.run_dir = choose_run_dir(cfg, self.ranks)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config import RunConfig
-from moetrain.data.tokenizer import same_tokenizer
+from moetrain.data.tokenizer import builtin_tokenizers, same_tokenizer
 from moetrain.hf.convert import import_model_config
 from moetrain.hf.tokenizer import tokenizer_setting
 from moetrain.model import Transformer, num_params
@@ -39,6 +39,23 @@ def apply_init_from_hf(cfg: RunConfig) -> str | None:
         print(f"init_from=hf:{hf_dir}: using its tokenizer (data.tokenizer={theirs}), "
               f"not data.tokenizer={ours}", flush=True)
     return hf_dir
+
+
+def record_absolute_paths(cfg: RunConfig) -> None:
+    """Relative paths of the run's inputs (tokenizer, local data, init_from) made absolute,
+    once they are read: config.yaml then names them from anywhere, for resume, generate,
+    export and evaluate run from another directory."""
+    data = cfg.data
+    if data.tokenizer not in ("byte", *builtin_tokenizers()):
+        data.tokenizer = os.path.abspath(data.tokenizer)
+    if data.source in ("text", "json", "parquet"):
+        data.path = os.path.abspath(data.path)
+        if data.val_path:
+            data.val_path = os.path.abspath(data.val_path)
+    if cfg.init_from:
+        hf = cfg.init_from.startswith("hf:")
+        path = os.path.abspath(cfg.init_from[3:] if hf else cfg.init_from)
+        cfg.init_from = f"hf:{path}" if hf else path
 
 
 def check_same_tokenizer(cfg: RunConfig, base: RunConfig, field: str = "init_from",

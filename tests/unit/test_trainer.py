@@ -389,3 +389,35 @@ def test_validation_builds_no_autograd_graph(tmp_path):
     trainer.loss_on = recording
     trainer.validate()
     assert grad_enabled == [False, False]
+
+
+def test_config_yaml_names_the_runs_inputs_from_anywhere(tmp_path, monkeypatch):
+    """Relative paths (tokenizer, text files, init_from) are recorded absolute: the tools and
+    a resume read config.yaml from any directory."""
+    import shutil
+    from moetrain.checkpoint import load_run_config
+    from moetrain.data.tokenizer import tokenizer_file
+    from moetrain.generate import main as generate_main
+    work = tmp_path / "work"
+    (work / "tok").mkdir(parents=True)
+    shutil.copyfile(tokenizer_file("stdlib-bpe-2048"), work / "tok" / "tokenizer.json")
+    (work / "text").mkdir()
+    for i in range(4):
+        (work / "text" / f"{i}.txt").write_text("a sentence about herons and ponds\n" * 40)
+    monkeypatch.chdir(work)
+    cfg = tiny_run(tmp_path, steps=1)
+    cfg.run_dir = "runs/base"
+    cfg.model.vocab_size = 2048
+    cfg.data = DataConfig(source="text", path="text/*.txt", tokenizer="tok", seq_len=32,
+                          val_fraction=0.25)
+    cfg.checkpoint.at_end = True
+    Trainer(cfg).fit()
+    cfg.run_dir, cfg.data.path = "runs/next", "text/0.txt"
+    cfg.init_from = "runs/base/checkpoints/step_00000001"
+    Trainer(cfg).fit()
+    saved = load_run_config(work / "runs/next/checkpoints/step_00000001")
+    assert saved.data.tokenizer == str(work / "tok")
+    assert saved.data.path == str(work / "text/0.txt")
+    assert saved.init_from == str(work / "runs/base/checkpoints/step_00000001")
+    monkeypatch.chdir(tmp_path)
+    generate_main([str(work / "runs/next"), "--prompt", "a heron", "--max-new-tokens", "3"])
