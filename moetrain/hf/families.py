@@ -135,6 +135,10 @@ def glm4_moe_to_hf(m: ModelConfig, eos_id: int | None) -> dict:
         _fail(f"moe.shared_hidden={moe.shared_hidden} x moe.n_shared_experts="
               f"{moe.n_shared_experts}", f"Glm4MoeForCausalLM's shared experts are a multiple "
               f"of the expert width {moe.expert_hidden}, and {shared} is not")
+    if moe.num_experts // moe.n_groups < 2:
+        _fail(f"moe.num_experts={moe.num_experts} in moe.n_groups={moe.n_groups}",
+              "Glm4MoeForCausalLM scores a group by its top-2 experts, so every group needs "
+              "2 or more")
     rope = {"rope_type": "default", "rope_theta": m.rope_theta, "partial_rotary_factor": 1.0}
     return {**_common_to_hf(m, eos_id), "architectures": ["Glm4MoeForCausalLM"],
             "model_type": "glm4_moe", "rope_parameters": rope, "partial_rotary_factor": 1.0,

@@ -295,6 +295,7 @@ def save_config_as_if_written(yaml, config: Path) -> None:
      "moe.router='expert_choice'"),
     (dict(capacity_factor=1.25), "moe.capacity_factor=1.25"),
     (dict(shared_hidden=20), r"moe.shared_hidden=20 x moe.n_shared_experts=2"),
+    (dict(n_groups=8, topk_groups=4), "moe.num_experts=8 in moe.n_groups=8"),
 ])
 def test_export_refuses_settings_without_equivalent_before_writing(tmp_path, change, message,
                                                                    capsys):
