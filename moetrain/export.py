@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moetrain.checkpoint import find_checkpoint, load_run_config
+from moetrain.integrity import MANIFEST
 
 FORMATS = ("hf", "safetensors")
 
@@ -54,13 +55,23 @@ def export_safetensors(source: str | Path, out: Path, dtype: str = "float32",
     return Path(out)
 
 
+def default_out(source: Path, fmt: str) -> Path:
+    """Inside a run directory; never inside a checkpoint, which keep_last may delete (nor in
+    checkpoints/, where it would read as a partial checkpoint)."""
+    if not ((source / MANIFEST).is_file() or (source / ".metadata").is_file()):
+        return source / f"export-{fmt}"  # a run directory
+    beside = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+    return beside / f"export-{fmt}-{source.name}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moetrain.export",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("source", metavar="CKPT_OR_RUN_DIR")
     parser.add_argument("--format", default="hf", help=f"one of {', '.join(FORMATS)}")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: CKPT_OR_RUN_DIR/export-FORMAT)")
+                        help="output directory (default: RUN_DIR/export-FORMAT, or for a "
+                             "checkpoint RUN_DIR/export-FORMAT-step_XXXXXXXX)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--max-shard-size", type=float, default=5.0,
                         help="GiB per safetensors file (hf format)")
@@ -72,7 +83,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--format {args.format!r} is not one of {', '.join(FORMATS)}")
         if args.max_shard_size <= 0:
             raise ValueError(f"--max-shard-size {args.max_shard_size} must be > 0 (GiB)")
-        out = args.out or Path(args.source) / f"export-{args.format}"
+        out = args.out or default_out(Path(args.source), args.format)
         if args.format == "hf":
             from moetrain.hf import export_hf
             written = export_hf(args.source, out, args.dtype,

@@ -83,7 +83,8 @@ def export_hf(source: str | Path, out: Path, dtype: str = "float32",
 def published(out: str | Path, overwrite: bool, source: Path):
     """Yield a sibling `OUT.partial` to write into; OUT appears once it is complete. A
     non-empty OUT is only replaced with `overwrite` (checked first), and never when it holds
-    `source`, the checkpoint being read; a failed write leaves OUT as it was."""
+    `source`, the checkpoint being read, nor is OUT ever inside it; a failed write leaves OUT
+    as it was."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
@@ -91,6 +92,10 @@ def published(out: str | Path, overwrite: bool, source: Path):
     if resolved == Path(source).resolve() or resolved in Path(source).resolve().parents:
         raise ValueError(f"--out {str(out)!r} holds the checkpoint being exported ({source}); "
                          "choose a directory outside it")
+    if Path(source).resolve() in resolved.parents:
+        raise ValueError(f"--out {str(out)!r} is inside the checkpoint being exported "
+                         f"({source}), which checkpoint.keep_last may delete; choose a "
+                         "directory outside it")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {str(out)!r} exists and is not empty; choose a new directory "
                          "or pass --overwrite")

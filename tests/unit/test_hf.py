@@ -338,6 +338,17 @@ def test_export_never_replaces_a_directory_unasked(tmp_path, capsys):
 
 
 
+def test_the_default_out_of_a_checkpoint_is_beside_it_in_its_run(tmp_path, capsys):
+    run_dir = trained_checkpoint(tmp_path, "mixtral")
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
+    assert export_main([str(checkpoint)]) == 0
+    out = run_dir / f"export-hf-{checkpoint.name}"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    assert (out / "config.json").is_file() and not (checkpoint / "export-hf").exists()
+    assert export_main([str(run_dir), "--format", "safetensors"]) == 0
+    assert (run_dir / "export-safetensors" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("fmt", ["hf", "safetensors"])
 def test_export_never_replaces_its_own_source_or_a_file(tmp_path, capsys, fmt):
     run_dir = trained_checkpoint(tmp_path, "mixtral")
@@ -348,6 +359,9 @@ def test_export_never_replaces_its_own_source_or_a_file(tmp_path, capsys, fmt):
                             "--overwrite"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "holds the checkpoint being exported" in err[0], err
+    assert export_main([str(checkpoint), "--format", fmt, "--out",
+                        str(checkpoint / "export")]) == 2
+    assert "is inside the checkpoint being exported" in capsys.readouterr().err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
     (tmp_path / "file").write_text("mine")
     assert export_main([str(run_dir), "--format", fmt, "--out", str(tmp_path / "file")]) == 2
