@@ -30,7 +30,8 @@ Data (default: the checkpoint's own validation blocks, exactly as the trainer bu
 `--data PATH` a local file, glob or directory read by `datasets` as `--source` (default: json
 for .json/.jsonl, parquet for .parquet, else text, from the name or from the files a directory
 or glob holds; `hub` takes a dataset name and `--split`).
-Column, tokenizer and seq_len default to the checkpoint's.
+Column, tokenizer and seq_len default to the checkpoint's; at another --seq-len, blocks the run
+held out of its training data are the same tokens re-cut, never text it trained on.
 
 Batches are cut from the blocks in order (the last one may be shorter) and handed to ranks in
 contiguous runs, so every sum is over the same batches whatever the number of ranks; under
@@ -238,10 +239,13 @@ def eval_data_config(base: DataConfig, data: str | None = None, source: str | No
     return cfg
 
 
-def eval_blocks(cfg: DataConfig, vocab_size: int, max_seq_len: int, own_validation: bool):
+def eval_blocks(cfg: DataConfig, vocab_size: int, max_seq_len: int, own_validation: bool,
+                trained_seq_len: int | None = None):
     """(blocks (n, seq_len + 1), tokenizer). own_validation: the checkpoint's validation data
     as `build_data` makes it for the trainer (its validation source, or else the blocks it held
-    out of the training data)."""
+    out of the training data). Held-out blocks are cut at `trained_seq_len` (default: seq_len),
+    the run's, and their tokens re-cut at seq_len: cutting the corpus afresh at another length
+    would move the hold-out's start into text the run trained on."""
     from moetrain.data.loader import build_data, load_texts, tokenize_and_pack
     if cfg.seq_len > max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {max_seq_len}")
@@ -253,10 +257,14 @@ def eval_blocks(cfg: DataConfig, vocab_size: int, max_seq_len: int, own_validati
     if texts is not None:
         blocks = tokenize_and_pack(texts, cfg, tokenizer)
     elif own_validation:  # held out of the training blocks (or streamed): as the trainer does
-        _, blocks = build_data(cfg, 1, 0, 1, vocab_size)
+        trained = dataclasses.replace(cfg, seq_len=trained_seq_len or cfg.seq_len)
+        _, blocks = build_data(trained, 1, 0, 1, vocab_size)
         if blocks is None:
             raise ValueError("the checkpoint's data has no validation split (data.val_path, "
                              "data.val_split and data.val_fraction=0): pass --data PATH")
+        if trained.seq_len != cfg.seq_len:  # blocks are disjoint: their tokens in order
+            tokens, width = blocks.reshape(-1), cfg.seq_len + 1
+            blocks = tokens[:len(tokens) // width * width].view(-1, width)
     else:
         raise ValueError(f"no validation data in {cfg.path!r} (hub split {cfg.val_split!r})")
     if len(blocks) == 0:
@@ -394,7 +402,8 @@ def run(args: argparse.Namespace) -> dict:
     data_cfg = eval_data_config(run_cfg.data, args.data, args.source, args.split, args.column,
                                 args.tokenizer, args.seq_len)
     blocks, tokenizer = eval_blocks(data_cfg, run_cfg.model.vocab_size,
-                                    run_cfg.model.max_seq_len, own_validation=args.data is None)
+                                    run_cfg.model.max_seq_len, own_validation=args.data is None,
+                                    trained_seq_len=run_cfg.data.seq_len)
     if loaded is None:
         loaded = load_for_evaluation(args.checkpoint, args.ep)
     batch_size = args.batch_size or run_cfg.train.micro_batch_size

@@ -99,6 +99,23 @@ def test_bits_per_byte_by_hand(loaded, tmp_path):
     assert result.loss == pytest.approx(reference_loss(loaded.model, blocks)[0], abs=1e-6)
 
 
+@pytest.mark.parametrize("seq_len", [8, 16, 30])
+def test_another_seq_len_evaluates_only_the_text_the_run_held_out(tmp_path, seq_len):
+    """The run cut its corpus into blocks of 16 + 1 and held out the last 10%; at another
+    --seq-len the same tokens are evaluated, re-cut, and never one the run trained on."""
+    docs = [f"document {i}: " + "the heron waits by the pond. " * (i % 5 + 1) for i in range(60)]
+    (tmp_path / "corpus.txt").write_text("\n".join(docs) + "\n")
+    cfg = DataConfig(source="text", path=str(tmp_path / "corpus.txt"), val_fraction=0.1,
+                     seq_len=seq_len)
+    blocks, _ = eval_blocks(cfg, 256, 32, own_validation=True, trained_seq_len=16)
+    stream = b"\0".join(d.encode() for d in docs) + b"\0"  # bytes, each document then eos
+    trained_blocks = len(stream) // 17
+    held_out = stream[(trained_blocks - max(1, int(trained_blocks * 0.1))) * 17:
+                      trained_blocks * 17]
+    assert blocks.shape[1] == seq_len + 1 and len(blocks) == len(held_out) // (seq_len + 1)
+    assert bytes(blocks.flatten().tolist()) == held_out[:blocks.numel()]
+
+
 @pytest.mark.parametrize("spelling", ["dir", "glob"])
 def test_a_directory_of_jsonl_files_is_read_as_json(loaded, tmp_path, spelling):
     folder = tmp_path / "docs"
