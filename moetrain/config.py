@@ -32,8 +32,10 @@ class BalanceConfig:
 
     aux_loss: str = "none"  # none | switch | sequence
     aux_loss_coef: float = 0.01  # Switch's alpha; DeepSeek-V3 uses ~1e-4 for the sequence loss
-    # micro_batch: f_i from this rank's tokens; global_batch: f_i all-reduced over data-parallel
-    # ranks (the reduce is installed by moetrain.parallel; in one process both are the same).
+    # micro_batch: f_i from this micro-batch's tokens on this rank; global_batch: f_i from the
+    # optimizer step's micro-batches so far, summed over all ranks (Megatron's global aux
+    # loss: a running count under gradient accumulation, which balance.pop_step_loads resets
+    # each step; the reduce is installed by moetrain.parallel).
     aux_loss_stats: str = "micro_batch"
     # Which selections f_i counts in the sequence-wise loss: `routed`, the experts each token
     # is actually sent to (selected with the aux-free bias and within the kept groups);

@@ -234,8 +234,13 @@ class MoE(nn.Module):
             return aux_loss, z_loss
         if bal.aux_loss == "switch":
             counts = tokens_per_expert
-            if bal.aux_loss_stats == "global_batch" and self.stats_reduce is not None:
-                counts = self.stats_reduce(counts.float())
+            if bal.aux_loss_stats == "global_batch":
+                # Megatron's global aux loss: f_i over every micro-batch of the optimizer step
+                # so far (the step's counts, which a recomputed forward already holds), summed
+                # over ranks; pop_step_loads starts the next step's from zero.
+                counts = self.step_tokens_per_expert + (0 if self.recomputing else counts)
+                if self.stats_reduce is not None:
+                    counts = self.stats_reduce(counts)
             aux_loss = balance.switch_aux_loss(route.probs, counts)
         elif bal.aux_loss == "sequence":
             E, k = self.cfg.num_experts, route.top_k

@@ -35,6 +35,7 @@ CASES = {
         + [Case("mixtral", 1.0, ep=2, recompute=True),
            Case("deepseek", None, ep=2, data_parallel="ddp", recompute=True),
            Case("mixtral", None, ep=2, accum=2),
+           Case("mixtral_global", None, ep=2, accum=2),
            Case("mixtral", None, ep=1, accum=2, defer_sync=True),
            Case("deepseek", None, ep=1, accum=2, recompute=True),
            Case("deepseek", None, ep=2, data_parallel="ddp", accum=2),
@@ -62,10 +63,10 @@ TOLERANCE = {"fp32": 1e-5, "fp64": 1e-10}
 
 
 @functools.lru_cache(maxsize=None)
-def reference(name, capacity_factor, micro_batches, dtype, lora=False):
+def reference(name, capacity_factor, micro_batches, dtype, lora=False, world=1):
     return reference_run(family(name, capacity_factor), micro_batches,
                          dtype=Case(name, dtype=dtype).torch_dtype,
-                         lora=lora_config(name) if lora else None)
+                         lora=lora_config(name) if lora else None, world=world)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,9 +103,12 @@ def test_parallel_layout_matches_single_process(world_size, case_index):
     case = CASES[world_size][case_index]
     # Global-batch statistics see all ranks' tokens at once: one big micro-batch per
     # accumulation step in one process.
-    ranks_per_micro = 1 if case.family == "mixtral_global" else world_size
-    ref = reference(case.family, case.capacity_factor, ranks_per_micro * case.accum, case.dtype,
-                    case.lora)
+    if case.family == "mixtral_global":
+        ref = reference(case.family, case.capacity_factor, case.accum, case.dtype, case.lora,
+                        world=world_size if case.accum > 1 else 1)
+    else:
+        ref = reference(case.family, case.capacity_factor, world_size * case.accum,
+                        case.dtype, case.lora)
     ranks = [r[case_index] for r in parallel_results(world_size)]
     tolerance = TOLERANCE[case.dtype]
 

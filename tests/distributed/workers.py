@@ -96,21 +96,23 @@ def default_dtype(dtype: torch.dtype):
 
 
 def reference_run(cfg: ModelConfig, micro_batches: int, steps: int = STEPS,
-                  dtype: torch.dtype = torch.float32, lora: LoRAConfig | None = None) -> dict:
-    """One process, the global batch as `micro_batches` equal micro-batches (one per rank and
-    accumulation step). One thread, like each rank: matmul results can differ in the last bit
-    with thread count."""
+                  dtype: torch.dtype = torch.float32, lora: LoRAConfig | None = None,
+                  world: int = 1) -> dict:
+    """One process, the global batch as `micro_batches` equal micro-batches: one per rank and
+    accumulation step, or (world > 1) one per accumulation step holding that step's rows of
+    every rank's share, as global-batch statistics see them. One thread, like each rank:
+    matmul results can differ in the last bit with thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with default_dtype(dtype):
-            return _reference_run(cfg, micro_batches, steps, lora)
+            return _reference_run(cfg, micro_batches, steps, lora, world)
     finally:
         torch.set_num_threads(threads)
 
 
 def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int,
-                   lora: LoRAConfig | None) -> dict:
+                   lora: LoRAConfig | None, world: int) -> dict:
     torch.manual_seed(0)
     model = Transformer(copy.deepcopy(cfg))
     if lora is not None:
@@ -119,6 +121,9 @@ def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int,
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     batch = global_batch()
+    if world > 1:  # rank r's accumulation step i, for every r, is micro-batch i here
+        batch = torch.cat([share.chunk(micro_batches)[i] for i in range(micro_batches)
+                           for share in batch.chunk(world)])
     losses, counts, dropped, norms = [], [], [], []
     for step in range(steps):
         opt.zero_grad()
@@ -134,9 +139,9 @@ def _reference_run(cfg: ModelConfig, micro_batches: int, steps: int,
                            if p.grad is not None}
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
+        loads = pop_step_loads(model.moe_layers())  # every step, as the trainer does
         if cfg.balance.aux_free:
-            update_expert_bias(model.moe_layers(), pop_step_loads(model.moe_layers()),
-                               cfg.balance.bias_update_rate)
+            update_expert_bias(model.moe_layers(), loads, cfg.balance.bias_update_rate)
         losses.append(total)
         counts.append(step_counts)
     return {"losses": losses, "counts": torch.stack(counts), "max_dropped": max(dropped),
@@ -193,8 +198,8 @@ def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
                                           if p.grad is not None})
         norms.append(clip_grad_norm_(model, CLIP).item())
         opt.step()
+        loads = pop_step_loads(model.moe_layers(), reduce)  # every step, as the trainer does
         if cfg.balance.aux_free:
-            loads = pop_step_loads(model.moe_layers(), reduce)
             update_expert_bias(model.moe_layers(), loads, cfg.balance.bias_update_rate)
         losses.append(reduce(total).item() / world_size)
         counts.append(step_counts)

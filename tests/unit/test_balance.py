@@ -113,6 +113,28 @@ def test_moe_layer_reports_weighted_losses():
     assert moe(torch.randn(2, 5, 8))[1].item() == 0.0
 
 
+@pytest.mark.parametrize("stats", ["micro_batch", "global_batch"])
+def test_global_batch_statistics_count_the_steps_micro_batches_so_far(stats):
+    """Megatron's global aux loss under gradient accumulation: micro-batch m's f_i counts
+    micro-batches 1..m of the optimizer step (P_i stays its own); a new step starts afresh."""
+    torch.manual_seed(0)
+    bal = BalanceConfig(aux_loss="switch", aux_loss_stats=stats)
+    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8), bal)
+    moe.init_weights(0.5)
+    micro_batches = [torch.randn(2, 5, 8) for _ in range(3)]
+    for step in range(2):
+        seen = torch.zeros(4)
+        for x in micro_batches:
+            moe(x)
+            route = moe.router(x.view(-1, 8))
+            counts = torch.bincount(route.expert_ids, minlength=4).float()
+            seen += counts
+            f_counts = seen if stats == "global_batch" else counts
+            expected = 4 * (f_counts / f_counts.sum() * route.probs.mean(0)).sum()
+            torch.testing.assert_close(moe.last_stats["aux_loss"], expected.detach())
+        balance.pop_step_loads([moe])
+
+
 def test_aux_free_lowers_max_violation_step_by_step_and_keeps_gates():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=8, router="sigmoid")
