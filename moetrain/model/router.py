@@ -137,16 +137,17 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (N, D) -> flat assignments."""
         cfg = self.cfg
-        if self.training and cfg.router_jitter > 0:
-            noise = torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-            x = x * noise
         # At least fp32 logits: top-k selection and softmax are sensitive to bf16 rounding.
         # An fp64 model routes in fp64, so two layouts of it can agree to fp64 precision.
         # Autocast (the trainer's one-GPU bf16 path) would run this linear in bf16 whatever
         # its inputs' dtype, so it is off here.
         dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype)
+        if self.training and cfg.router_jitter > 0:  # drawn in fp32: bf16 has 4 values near 1
+            noise = torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+            x = x * noise
         with _no_autocast(x.device.type):
-            logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
+            logits = F.linear(x, self.weight.to(dtype))  # (N, E)
         N = x.shape[0]
         if cfg.router == "expert_choice":
             capacity = expert_choice_capacity(N, cfg)

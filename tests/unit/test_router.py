@@ -134,3 +134,15 @@ def test_jitter_only_in_training_and_frozen_router_has_no_grad():
     assert not torch.equal(router(x).logits, a)
     frozen = make_router(num_experts=8, top_k=2, freeze_router=True)
     assert not frozen.weight.requires_grad
+
+
+def test_jitter_of_bf16_inputs_is_uniform_around_one():
+    """Switch's multiplicative noise in [1 - eps, 1 + eps], mean 1, whatever the input dtype:
+    drawn in bf16 it would take 4 values from 0.988 to 1.0 and shrink the logits."""
+    router = make_router(num_experts=4, top_k=2, router_jitter=0.01)
+    router.weight.data = torch.eye(4, 16)  # logit e = x[:, e]: the noise itself, times x
+    x = torch.ones(20000, 16, dtype=torch.bfloat16)
+    noise = router.train()(x).logits
+    assert noise.dtype == torch.float32
+    assert abs(noise.mean().item() - 1) < 1e-3
+    assert noise.min() >= 0.99 and noise.max() <= 1.01 and noise.unique().numel() > 1000
