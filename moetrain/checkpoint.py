@@ -424,8 +424,14 @@ class Checkpointer:
         load_strict(self._tensor_state(), path)
         extra = _read_extra(self._extra_path(Path(path)))
         self.scheduler.load_state_dict(extra["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, extra["lr"]):
-            group["lr"] = lr
+        # The schedule is the run's (optim.lr, warmup, decay: what its config.yaml records),
+        # at the checkpoint's step; unchanged settings give the saved rates bit for bit.
+        scheduler = self.scheduler
+        scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, scheduler.base_lrs,
+                                       scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.data.load_state_dict(extra["data"])
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and torch.cuda.is_available():

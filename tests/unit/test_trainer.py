@@ -421,3 +421,28 @@ def test_config_yaml_names_the_runs_inputs_from_anywhere(tmp_path, monkeypatch):
     assert saved.init_from == str(work / "runs/base/checkpoints/step_00000001")
     monkeypatch.chdir(tmp_path)
     generate_main([str(work / "runs/next"), "--prompt", "a heron", "--max-new-tokens", "3"])
+
+
+def test_a_resume_follows_the_runs_own_learning_rate_schedule(tmp_path):
+    """optim.lr (and warmup) changed on resume take effect at the checkpoint's step, as
+    config.yaml then records; unchanged, the rates are the uninterrupted run's bit for bit."""
+    def lrs(run_dir) -> dict[int, float]:
+        return {r["step"]: r["lr"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))
+                if "lr" in r}
+
+    def run(name, lr, warmup, **changes):
+        cfg = tiny_run(tmp_path / name, steps=8)
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.log_every = lr, warmup, 1
+        for key, value in changes.items():
+            setattr(cfg, key, value)
+        Trainer(cfg).fit()
+        return tmp_path / name / "run"
+
+    for lr, warmup in ((3e-3, 4), (1e-4, 2)):
+        straight = run(f"straight-{lr}", lr, warmup)
+        first = tiny_run(tmp_path / f"resumed-{lr}", steps=8, exit_at_step=3)
+        first.optim.lr, first.optim.warmup_steps, first.train.log_every = 3e-3, 4, 1
+        Trainer(first).fit()
+        resumed = run(f"resumed-{lr}", lr, warmup, resume="auto")
+        after = {step: lr for step, lr in lrs(resumed).items() if step > 3}
+        assert after == {step: lr for step, lr in lrs(straight).items() if step > 3}
