@@ -168,7 +168,7 @@ class ShardedBlocks:
 
     def next_batch(self) -> torch.Tensor:
         """(micro_batch_size, seq_len + 1) token ids."""
-        if self.micro_in_epoch == self.micro_batches_per_epoch:
+        if self.micro_in_epoch >= self.micro_batches_per_epoch:
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
         step, micro = divmod(self.micro_in_epoch, self.grad_accum)
         start = step * self.global_batch + self.rank * self.per_rank + micro * self.micro_batch_size
@@ -177,10 +177,19 @@ class ShardedBlocks:
         return self.blocks[idx]
 
     def state_dict(self) -> dict:
-        """Layout-independent: micro-batches are counted per rank, so store optimizer steps."""
-        return {"epoch": self.epoch, "steps_in_epoch": self.micro_in_epoch // self.grad_accum}
+        """Layout-independent: micro-batches are counted per rank, so store optimizer steps,
+        of global batches of this many blocks."""
+        return {"epoch": self.epoch, "steps_in_epoch": self.micro_in_epoch // self.grad_accum,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("global_batch", self.global_batch)
+        if saved != self.global_batch:  # the same step would start at another block
+            raise ValueError(
+                f"the checkpoint read its data in global batches of {saved} blocks, this run's "
+                f"are {self.global_batch} (ranks x train.grad_accum {self.grad_accum} x "
+                f"train.micro_batch_size {self.micro_batch_size}); resume with a global batch "
+                f"of {saved}, e.g. another train.micro_batch_size")
         self.epoch = state["epoch"]
         self.micro_in_epoch = state["steps_in_epoch"] * self.grad_accum
 
@@ -192,7 +201,7 @@ class StreamingBlocks:
     def __init__(self, ds, cfg: DataConfig, tokenizer, batch_size: int, rank: int, world: int):
         from datasets.distributed import split_dataset_by_node
         self.ds = split_dataset_by_node(ds, rank=rank, world_size=world)
-        self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.cfg, self.tokenizer, self.batch_size, self.world = cfg, tokenizer, batch_size, world
         self.consumed, self.epoch = 0, 0
         self._iter = self._blocks()
 
@@ -218,9 +227,13 @@ class StreamingBlocks:
         return torch.stack(rows)
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
+        return {"consumed": self.consumed, "world": self.world}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("world", self.world)
+        if saved != self.world:  # each rank's share of the stream depends on the world size
+            raise ValueError(f"the checkpoint streamed its data on {saved} ranks, this run "
+                             f"has {self.world}; streaming data resumes on {saved} ranks only")
         self._iter, self.consumed = self._blocks(), 0
         for _ in range(state["consumed"]):
             next(self._iter)

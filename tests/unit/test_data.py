@@ -62,6 +62,20 @@ def test_sharded_blocks_resume_where_they_stopped():
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
+def test_sharded_blocks_refuse_to_resume_with_another_global_batch():
+    """The position is stored in optimizer steps: step s of a global batch of 8 blocks would
+    start at another block under a global batch of 6 (re-reading and skipping data)."""
+    blocks = torch.arange(50).unsqueeze(1)
+    first = ShardedBlocks(blocks, 4, 1, 0, 2, seed=1)  # 2 ranks x 4
+    [first.next_batch() for _ in range(3)]
+    same = ShardedBlocks(blocks, 2, 2, 0, 2, seed=1)  # 2 ranks x 2 x accumulation 2
+    same.load_state_dict(first.state_dict())
+    smaller = ShardedBlocks(blocks, 3, 1, 0, 2, seed=1)
+    with pytest.raises(ValueError, match=r"global batches of 8 blocks, this run's are 6 .*"
+                                         r"resume with a global batch of 8"):
+        smaller.load_state_dict(first.state_dict())
+
+
 def test_synthetic_build_has_validation_split():
     cfg = DataConfig(synthetic_docs=300, synthetic_val_docs=50, seq_len=32)
     train, val = build_data(cfg, batch_size=4, rank=0, world=1, vocab_size=256)
@@ -93,6 +107,10 @@ def test_streaming_local_json_shards_and_resumes(tmp_path):
     again, _ = build_data(cfg, 2, 0, 2, 256)
     again.load_state_dict({"consumed": 6})
     assert torch.equal(again.next_batch(), batches_a[3])
+    alone, _ = build_data(cfg, 4, 0, 1, 256)  # one rank's share would be another stream
+    with pytest.raises(ValueError, match="the checkpoint streamed its data on 2 ranks, this run "
+                                         "has 1; streaming data resumes on 2 ranks only"):
+        alone.load_state_dict(a.state_dict())
 
 
 @pytest.mark.parametrize("make,message", [
