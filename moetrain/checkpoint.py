@@ -66,6 +66,28 @@ def complete_checkpoints(root: Path, warn: bool = True) -> list[Path]:
     return found
 
 
+SUPERSEDED = "superseded"
+
+
+def supersede_newer(root: Path, step: int) -> list[Path]:
+    """Move the published checkpoints of `root` past `step` into `root/superseded/` and return
+    their new paths. A run resumed at `step` (a rollback, or past a corrupted newer one) is
+    then the newest: resume=auto continues it, and keep_last, which goes by step, never
+    deletes what it writes in favour of an abandoned run's. Nothing is deleted."""
+    newer = [path for path in complete_checkpoints(root, warn=False)
+             if path.name[len(PREFIX):].isdigit() and int(path.name[len(PREFIX):]) > step]
+    moved = []
+    for path in newer:
+        target, n = root / SUPERSEDED / path.name, 1
+        while target.exists():  # superseded before, by an earlier rollback
+            n += 1
+            target = root / SUPERSEDED / f"{path.name}.{n}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
 # -------------------------------------------------------------------- verification
 def _rank_world() -> tuple[int, int]:
     if dist.is_initialized():

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from moetrain.checkpoint import (Checkpointer, check_lora_base, checked_path, checkpoint_dir,
-                                 load_lora_base, load_run_config, resolve_resume)
+                                 load_lora_base, load_run_config, resolve_resume,
+                                 supersede_newer)
 from moetrain.config import RunConfig
 from moetrain.data.loader import build_data
 from moetrain.data.tokenizer import build_tokenizer, token_byte_lengths
@@ -109,6 +110,12 @@ class Trainer:
             raise ValueError(f"train.steps={cfg.train.steps} is below the step of the "
                              f"checkpoint it resumes ({self.step}: {self.resumed_from}); set "
                              f"train.steps above {self.step} to train on")
+        if self.resumed_from is not None and self.rank == 0:
+            moved = supersede_newer(checkpoint_dir(self.run_dir), self.step)
+            if moved:
+                print(f"WARNING: resumed at step {self.step}; the newer checkpoints of "
+                      f"{self.run_dir} ({', '.join(p.name for p in moved)}) are moved to "
+                      f"{moved[0].parent} and no longer resumed", flush=True)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):

@@ -446,3 +446,24 @@ def test_a_resume_follows_the_runs_own_learning_rate_schedule(tmp_path):
         resumed = run(f"resumed-{lr}", lr, warmup, resume="auto")
         after = {step: lr for step, lr in lrs(resumed).items() if step > 3}
         assert after == {step: lr for step, lr in lrs(straight).items() if step > 3}
+
+
+def test_a_rollback_supersedes_the_newer_checkpoints_instead_of_losing_its_own(tmp_path):
+    """Resuming an older checkpoint (past a loss spike) makes it the run's newest: the
+    abandoned newer ones are moved aside, so keep_last keeps what the rollback writes and
+    resume=auto continues the rollback, not the abandoned run."""
+    cfg = tiny_run(tmp_path, steps=12, exit_at_step=8)
+    cfg.checkpoint.every, cfg.checkpoint.keep_last = 2, 2
+    Trainer(cfg).fit()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000006", "step_00000008"]
+    rollback = tiny_run(tmp_path, steps=12, exit_at_step=7)
+    rollback.checkpoint.every, rollback.checkpoint.keep_last = 2, 2
+    rollback.resume = str(checkpoints / "step_00000006")
+    Trainer(rollback).fit()
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step_00000006", "step_00000007", "superseded"]
+    assert [p.name for p in (checkpoints / "superseded").iterdir()] == ["step_00000008"]
+    again = tiny_run(tmp_path, steps=12)
+    again.resume = "auto"
+    assert Trainer(again).resumed_from.name == "step_00000007"
