@@ -362,8 +362,8 @@ class LoopConfig:
     on_nonfinite: str = "stop"  # stop | skip the step
     seed: int = 0
     peak_tflops: float | None = None  # for MFU on GPUs; None = guess from the device name
-    # Leave after this step with a checkpoint (fixed-length cluster jobs, like Megatron's
-    # --exit-interval); the next job continues with resume=auto.
+    # Leave after this (absolute) step with a checkpoint, e.g. to end a job before its time
+    # limit; the next job continues with resume=auto and a later exit_at_step (or none).
     exit_at_step: int | None = None
     # Log milliseconds per step of each phase (data, forward, backward, grad sync, optimizer,
     # balance, log) as `phase_ms`; on CUDA every phase boundary is then a device sync.

@@ -110,6 +110,10 @@ class Trainer:
             raise ValueError(f"train.steps={cfg.train.steps} is below the step of the "
                              f"checkpoint it resumes ({self.step}: {self.resumed_from}); set "
                              f"train.steps above {self.step} to train on")
+        exit_at = cfg.train.exit_at_step
+        if exit_at is not None and self.step >= exit_at and self.rank == 0:
+            print(f"WARNING: train.exit_at_step={exit_at} is not after the resumed step "
+                  f"{self.step}: this job runs to train.steps={cfg.train.steps}", flush=True)
         if self.resumed_from is not None and self.rank == 0:
             moved = supersede_newer(checkpoint_dir(self.run_dir), self.step)
             if moved:

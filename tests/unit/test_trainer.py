@@ -467,3 +467,13 @@ def test_a_rollback_supersedes_the_newer_checkpoints_instead_of_losing_its_own(t
     again = tiny_run(tmp_path, steps=12)
     again.resume = "auto"
     assert Trainer(again).resumed_from.name == "step_00000007"
+
+
+def test_an_exit_step_behind_the_resumed_step_is_named(tmp_path, capsys):
+    cfg = tiny_run(tmp_path, steps=4, exit_at_step=2)
+    Trainer(cfg).fit()
+    again = tiny_run(tmp_path, steps=4, exit_at_step=2)
+    again.resume = "auto"
+    assert Trainer(again).fit()["step"] == 4
+    assert ("WARNING: train.exit_at_step=2 is not after the resumed step 2: this job runs to "
+            "train.steps=4") in capsys.readouterr().out
