@@ -86,6 +86,8 @@ def config_from_overrides(overrides: list[str]) -> RunConfig:
             raise ValueError(f"unknown config key {cause.full_key!r}; see configs/ and "
                              "moetrain/config.py for the valid keys") from None
         reason = " ".join(str(error).split())  # Hydra's messages span lines
+        if cause is not None and str(cause).strip():  # e.g. why a value does not convert
+            reason += f": {str(cause).strip().splitlines()[0]}"
         raise ValueError(f"invalid overrides: {reason}") from None
     return to_run_config(dict_cfg)
 

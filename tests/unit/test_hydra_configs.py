@@ -159,3 +159,11 @@ def test_console_script_runs_the_same_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "parameters: 46,70" in proc.stdout and "top-2" in proc.stdout
+
+
+def test_a_value_of_the_wrong_type_says_why_in_one_line():
+    from moetrain.train.cli import config_from_overrides
+    with pytest.raises(ValueError) as err:
+        config_from_overrides(["train.steps=abc"])
+    assert str(err.value) == ("invalid overrides: Error merging override train.steps=abc: Value "
+                              "'abc' of type 'str' could not be converted to Integer")
