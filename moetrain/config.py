@@ -93,7 +93,10 @@ class MoEConfig:
     shared_hidden: int | None = None  # hidden size of one shared expert; None = expert_hidden
     capacity_factor: float | None = None  # None = dropless
     router_jitter: float = 0.0  # multiplicative input noise in [1-eps, 1+eps] while training
-    freeze_router: bool = False  # fine-tuning: router weight gets no gradient
+    # Fine-tuning: the router's weight gets no gradient. Its aux-free bias still moves, and
+    # balance losses still reach earlier layers through its probabilities: for routing that
+    # changes only with its inputs, also set balance.aux_free=false and aux_loss=none.
+    freeze_router: bool = False
 
     def validate(self) -> None:
         E, k = self.num_experts, self.top_k
