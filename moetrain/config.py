@@ -83,7 +83,10 @@ class MoEConfig:
     top_k: int = 2
     expert_hidden: int = 256
     router: str = "softmax_topk"  # softmax_topk | sigmoid | top1 | expert_choice
-    norm_topk_prob: bool = True  # renormalise the k gate weights to sum to 1
+    # Renormalise the k gate weights to sum to 1 (as transformers' Mixtral and GLM-4 MoE do
+    # at any k). At top_k=1 every gate is then 1 and the router learns only from the balance
+    # losses: use router top1 (Switch's raw probability) or norm_topk_prob=false there.
+    norm_topk_prob: bool = True
     # Every router's gate weights are multiplied by this (after any normalisation), as
     # DeepSeek-V3 (sigmoid) and DeepSeek-V2 (softmax) do.
     route_scale: float = 1.0
