@@ -54,6 +54,8 @@ class CollapseDetector:
         collapse."""
         loads = global_loads.detach().float().cpu()
         E = loads.shape[-1]
+        if E < 2:  # one expert takes every token by construction: balanced, never collapsed
+            return []
         fraction = loads / loads.sum(-1, keepdim=True).clamp(min=1)
         starved = fraction < self.cfg.starve_fraction / E
         self.starved_for = torch.where(starved, self.starved_for + 1, 0)

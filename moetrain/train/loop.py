@@ -299,7 +299,7 @@ class Trainer:
     def _log(self, out: dict, throughput: Throughput, summary: dict) -> None:
         cfg, step = self.cfg, self.step
         last = step == cfg.train.steps
-        record = None
+        record, stop = None, None
         if step % cfg.train.log_every == 0 or last:
             if self.phase.enabled:  # this window's steps; log and checkpoint booked up to here
                 phases = {"phase_ms": self.phase.read(throughput.steps)}
@@ -313,7 +313,7 @@ class Trainer:
                 if self.logger is not None:  # rank 0 alone writes the record
                     record["moe"] = expert_load_record(self.moe_layers, self.moe_layer_ids,
                                                        out["loads"])
-                self._check_collapse(out["loads"])  # every rank: a stop is collective
+                stop = self._check_collapse(out["loads"])  # every rank: a stop is collective
         if cfg.train.val_every and (step % cfg.train.val_every == 0 or last):
             validated = self.validate()
             if validated is not None:
@@ -332,15 +332,16 @@ class Trainer:
                         "layers": self.moe_layer_ids, "tokens_per_expert": val_loads.tolist(),
                         "max_violation": metrics["max_violation"].tolist(),
                         "dead_experts": metrics["dead_experts"].tolist()}
-        if self.logger is None:
-            return
-        if record is not None:
-            self.logger.log(record)
-        if record is not None and "tokens_per_s" in record:
-            worst = max(record["moe"]["max_violation_global"]) if "moe" in record else None
-            self.logger.progress(step, out["loss"], record["tokens_per_s"], worst)
-        else:
-            self.logger.advance(step)
+        if self.logger is not None:
+            if record is not None:
+                self.logger.log(record)
+            if record is not None and "tokens_per_s" in record:
+                worst = max(record["moe"]["max_violation_global"]) if "moe" in record else None
+                self.logger.progress(step, out["loss"], record["tokens_per_s"], worst)
+            else:
+                self.logger.advance(step)
+        if stop is not None:  # after the step's record: the run to look at has its last step
+            raise TrainingStopped(stop)
 
     def _stop_on_signal(self, signum: int, resolved: str) -> None:
         name = signal.Signals(signum).name
@@ -354,14 +355,16 @@ class Trainer:
             self.logger.event({"event": "preempted", "step": self.step, "signal": name})
         raise Preempted(message, signum)
 
-    def _check_collapse(self, loads: torch.Tensor) -> None:
+    def _check_collapse(self, loads: torch.Tensor) -> str | None:
+        """Alerts for new collapse events; the stop message when they stop the run."""
         events = self.detector.update(loads)
         for event in events:
             if self.logger is not None:
                 self.logger.alert({**event, "step": self.step})
         if events and self.cfg.monitor.on_collapse == "stop":
-            raise TrainingStopped(f"{events[0]['message']} at step {self.step}; stopping "
-                                  "(monitor.on_collapse=stop)")
+            return (f"{events[0]['message']} at step {self.step}; stopping "
+                    "(monitor.on_collapse=stop)")
+        return None
 
     def _warn(self, message: str) -> None:
         if self.logger is not None:

@@ -55,6 +55,7 @@ def test_collapse_is_detected_without_balancing(tmp_path):
     assert trainer.step == 24  # patience 6 checks x log_every 4: as early as possible
     events = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any(e.get("event") == "collapse" for e in events)
+    assert [e for e in events if "loss" in e][-1]["step"] == 24  # the stopping step's record
     # a real collapse: at the stop, some layer sends (nearly) every token to one expert of 8
     # (max violation E - 1 = 7 when all load is on one expert)
     last = [e for e in events if "moe" in e][-1]
@@ -99,6 +100,11 @@ def test_wandb_payload_keys_grow_with_layers_not_experts():
            **{key: [0.0] * len(layers) for key in ("max_violation_global", "load_entropy")}}
     payload = wandb_payload({"step": 1, "loss": 1.0, "moe": moe})
     assert len(payload) == 1 + 2 * len(layers) + 1 + len(layers)  # loss, scalars, map, hists
+
+
+def test_a_one_expert_layer_is_never_a_collapse():
+    detector = CollapseDetector(MonitorConfig(patience=1), [0, 1], 1)
+    assert detector.update(torch.tensor([[64.0], [64.0]])) == []
 
 
 def test_collapse_detector_patience_reporting_and_recovery():
