@@ -424,9 +424,10 @@ class LoRAConfig:
         for target in self.targets:
             _check(target in LORA_TARGETS, f"finetune.lora.targets has {target!r}; valid: "
                                            f"{', '.join(LORA_TARGETS)}")
-        present = {"attention": True, "experts": model.moe is not None,
-                   "shared_experts": model.moe is not None and model.moe.n_shared_experts > 0,
-                   "dense_ffn": model.moe is None or model.first_k_dense > 0}
+        has_moe = model.moe is not None and model.first_k_dense < model.n_layers
+        present = {"attention": True, "experts": has_moe,
+                   "shared_experts": has_moe and model.moe.n_shared_experts > 0,
+                   "dense_ffn": not has_moe or model.first_k_dense > 0}
         for target in self.targets:
             _check(present[target], f"finetune.lora.targets has {target!r} but this model has "
                                     f"no {target.replace('_', ' ')}")

@@ -352,6 +352,10 @@ def test_lora_needs_a_base_and_valid_targets(tmp_path, base_checkpoint):
     cfg.finetune.lora.targets = ["shared_experts"]
     with pytest.raises(ValueError, match=r"has 'shared_experts' but this model has no shared"):
         cfg.validate(1)
+    cfg.finetune.lora.targets = ["experts"]
+    cfg.model.first_k_dense = cfg.model.n_layers  # a moe config, but every layer dense
+    with pytest.raises(ValueError, match=r"has 'experts' but this model has no experts"):
+        cfg.validate(1)
 
 
 def test_a_lora_checkpoint_cannot_be_a_lora_base(tmp_path, base_checkpoint):
