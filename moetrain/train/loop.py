@@ -31,8 +31,9 @@ from moetrain.optim import build_optimizer
 from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, finalize_grads
 from moetrain.train.preemption import STOP, Preempted
 from moetrain.train.setup import (apply_init_from_hf, build_model, check_new_run_dir,
-                                  check_same_tokenizer, choose_run_dir, describe, join_ranks,
-                                  record_absolute_paths, world_size_from_env)
+                                  check_same_lora_base, check_same_tokenizer, choose_run_dir,
+                                  describe, join_ranks, record_absolute_paths,
+                                  world_size_from_env)
 from moetrain.train.throughput import PhaseTimer, Throughput, flops_per_token, peak_flops
 
 
@@ -94,6 +95,9 @@ class Trainer:
             check_same_tokenizer(cfg, load_run_config(self.resumed_from), "resume",
                                  str(self.resumed_from))
         if lora:  # the frozen base, then (resuming) the adapters and optimizer state
+            if self.resumed_from is not None:
+                check_same_lora_base(cfg, load_run_config(self.resumed_from),
+                                     self.resumed_from)
             if init_from is not None:
                 resolve_resume(str(init_from), self.run_dir, field="init_from")  # verifies
             load_lora_base(self.model, cfg.init_from, verified=True)

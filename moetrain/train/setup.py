@@ -58,6 +58,26 @@ def record_absolute_paths(cfg: RunConfig) -> None:
         cfg.init_from = f"hf:{path}" if hf else path
 
 
+def check_same_lora_base(cfg: RunConfig, saved: RunConfig, checkpoint: Path) -> None:
+    """A LoRA run resumes on the base its adapters were trained on (one line if not); a
+    changed alpha (which rescales every trained adapter) is named."""
+    def where(init_from: str | None) -> str | None:
+        if not init_from:
+            return None
+        hf = init_from.startswith("hf:")
+        return ("hf:" if hf else "") + str(Path(init_from[3:] if hf else init_from).resolve())
+
+    if where(cfg.init_from) != where(saved.init_from):
+        raise ValueError(f"resume={str(checkpoint)!r} trained its adapters on "
+                         f"init_from={saved.init_from!r}, not on init_from={cfg.init_from!r}; "
+                         f"resume with init_from={saved.init_from}")
+    ours, theirs = cfg.finetune.lora, saved.finetune.lora
+    if ours.alpha != theirs.alpha and int(os.environ.get("RANK", "0")) == 0:
+        print(f"WARNING: finetune.lora.alpha={ours.alpha} rescales adapters trained with "
+              f"alpha {theirs.alpha} (scaling {theirs.scaling:g} -> {ours.scaling:g})",
+              flush=True)
+
+
 def check_same_tokenizer(cfg: RunConfig, base: RunConfig, field: str = "init_from",
                          checkpoint: str | None = None) -> None:
     """A run starting from (or resuming) a moetrain checkpoint reads text with that

@@ -4,6 +4,7 @@ model against its base, merging, freezing and the trainer's LoRA fine-tune."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -382,3 +383,22 @@ def test_gathered_walk_with_adapters_and_dropout_matches_its_gradients(block_row
     want = torch.zeros(5, 8, dtype=torch.float64).index_add(0, row_ids, rows)
     torch.testing.assert_close(experts(x, torch.tensor(counts), gates, row_ids=row_ids),
                                want)
+
+
+def test_a_lora_resume_refuses_another_base(tmp_path, base_checkpoint, capsys):
+    first = lora_cfg(tmp_path, base_checkpoint, "adapters", steps=4)
+    first.train.exit_at_step = 2
+    Trainer(first).fit()
+    other_run = tmp_path / "copy"
+    shutil.copytree(base_checkpoint.parent.parent, other_run)  # the same base, elsewhere
+    resumed = lora_cfg(tmp_path, other_run / "checkpoints" / base_checkpoint.name, "adapters",
+                       steps=4)
+    resumed.resume = "auto"
+    with pytest.raises(ValueError, match=r"trained its adapters on init_from='.*/base/checkp"
+                                         r".*', not on init_from='.*/copy/checkp.*'; resume"):
+        Trainer(resumed)
+    resumed = lora_cfg(tmp_path, base_checkpoint, "adapters", steps=4)
+    resumed.resume, resumed.finetune.lora.alpha = "auto", 16.0
+    assert Trainer(resumed).fit()["step"] == 4
+    assert ("WARNING: finetune.lora.alpha=16.0 rescales adapters trained with alpha 8.0 "
+            "(scaling 2 -> 4)") in capsys.readouterr().out
