@@ -176,9 +176,10 @@ def checked_path(value: str | Path, field: str = "resume") -> Path:
     cheap (no hashing, no collective), so every rank can check it before starting."""
     path = Path(value)
     if not (path.is_dir() and _published(path)):
+        valid = ("'auto' or a checkpoints/step_XXXXXXXX path" if field == "resume"
+                 else "a checkpoints/step_XXXXXXXX path, or hf:DIR for a transformers one")
         raise ValueError(f"{field}={str(value)!r} is not a complete checkpoint directory (no "
-                         f"{MANIFEST} or DCP .metadata); use 'auto' or a "
-                         "checkpoints/step_XXXXXXXX path")
+                         f"{MANIFEST} or DCP .metadata); use {valid}")
     return path
 
 

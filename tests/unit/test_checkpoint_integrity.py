@@ -202,3 +202,14 @@ def test_resume_never_leaves_two_records_of_one_step(tmp_path):
     assert [r["step"] for r in superseded] == [4, 5]  # kept, not lost
     assert [r["loss"] for r in superseded] == [first[4], first[5]]
     assert any(r.get("event") == "resume" and r["step"] == 3 for r in records)
+
+
+@pytest.mark.parametrize("field, valid", [
+    ("resume", "use 'auto' or a checkpoints/step_XXXXXXXX path"),
+    ("init_from", "use a checkpoints/step_XXXXXXXX path, or hf:DIR for a transformers one")])
+def test_a_path_that_is_no_checkpoint_names_what_its_field_takes(tmp_path, field, valid):
+    from moetrain.checkpoint import checked_path
+    with pytest.raises(ValueError) as err:
+        checked_path(tmp_path, field)
+    assert str(err.value).startswith(f"{field}='{tmp_path}' is not a complete checkpoint")
+    assert str(err.value).endswith(valid)
