@@ -61,3 +61,15 @@ def test_embedding_std_follows_its_setting_and_tying():
     torch.testing.assert_close(chosen, untied * 0.5)
     with pytest.raises(ValueError, match="model.embed_init_std=0"):
         dataclasses.replace(CFG, embed_init_std=0.0).validate()
+
+
+def test_no_two_rows_share_a_stream():
+    """Row i of the parameter keyed b used to be a generator seeded b + i, of which torch keeps
+    32 bits: the rows of parameters keyed a few apart (mod 2**32) were copies."""
+    from moetrain.model.init import _draw
+    base = 0x5DEECE66D_1234
+    first = _draw(base, 1, (64,), 1.0)
+    for other in (_draw(base + 1, 0, (64,), 1.0), _draw(base + 2**32, 1, (64,), 1.0),
+                  _draw(base + 2**40 + 1, 0, (64,), 1.0), _draw(base, 2, (64,), 1.0)):
+        assert not torch.equal(first, other)
+    assert torch.equal(first, _draw(base, 1, (64,), 1.0))
