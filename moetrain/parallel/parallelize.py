@@ -61,7 +61,10 @@ def parallelize(model: Transformer, mesh: ParallelMesh | None, cfg: ParallelConf
             moe.stats_reduce = all_reduce_sum(mesh.dp.get_group())
     if compile:
         for block in model.layers:
-            block.compile()
+            if block.checkpoint_activations:  # Dynamo cannot trace into the checkpoint call:
+                block._forward = torch.compile(block._forward)  # what it runs, compiled
+            else:
+                block.compile()
     data_parallel = mesh is not None and mesh.size() > 1
     if data_parallel and cfg.data_parallel == "fsdp":
         apply_fsdp(model, mesh, mixed_precision=mixed_precision)
