@@ -20,6 +20,7 @@ from moetrain.model.experts import SwiGLU
 from moetrain.model.init import seeded_normal_
 from moetrain.model.lora import init_adapter_, is_adapter
 from moetrain.model.moe import MoE
+from moetrain.model.router import apply_keeping_fp32
 
 
 class RMSNorm(nn.Module):
@@ -35,10 +36,13 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
-    """cos, sin tables (max_seq_len, head_dim / 2) for rotary embeddings."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
+                dtype: torch.dtype = torch.float32):
+    """cos, sin tables (max_seq_len, head_dim / 2) for rotary embeddings, computed in `dtype`:
+    fp32 as transformers computes them (the same values), fp64 for an fp64 model."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).to(dtype)
+                                / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device).to(dtype), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -177,7 +181,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta,
+                               dtype=torch.promote_types(torch.get_default_dtype(), torch.float32))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.output.weight.device.type != "meta":  # on meta: init after materialising
@@ -207,6 +212,23 @@ class Transformer(nn.Module):
             if hasattr(moe.router, "expert_bias"):
                 moe.router.expert_bias.zero_()
 
+    def _apply(self, fn, recurse=True):
+        # The rotary tables stay at least fp32 (apply_rope casts them to the activations'
+        # dtype, as transformers does) and are computed afresh in theirs: an fp64 model's are
+        # fp64, not fp32 values widened.
+        apply_keeping_fp32(self, fn, recurse, ("rope_cos", "rope_sin"))
+        if not self.rope_cos.is_meta:
+            self._fill_rope()
+        return self
+
+    @torch.no_grad()
+    def _fill_rope(self) -> None:
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta,
+                               device=self.rope_cos.device, dtype=self.rope_cos.dtype)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
     def to_empty(self, *, device, recurse: bool = True):
         """Materialise from the meta device, keeping tied embeddings one tensor: nn.Module's
         to_empty gives each module its own copy of a shared parameter."""
@@ -219,10 +241,7 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Fill the buffers no checkpoint holds (rotary tables, per-step load counts): after
         `to_empty`, when the weights come from a checkpoint instead of `init_weights`."""
-        cfg = self.cfg
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self._fill_rope()
         for moe in self.moe_layers():
             moe.step_tokens_per_expert.zero_()
 

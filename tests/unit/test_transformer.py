@@ -79,3 +79,22 @@ def test_tied_embeddings_share_storage_and_sequence_limit():
     assert model.output.weight is model.tok_embeddings.weight
     with pytest.raises(ValueError, match="exceeds model.max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_rotary_tables_keep_their_precision_through_dtype_casts():
+    """fp64 models rotate with fp64 tables (not fp32 values widened), and a round trip
+    through bf16 leaves the fp32 tables exact: apply_rope casts them to the activations'."""
+    cfg = tiny_mixtral(max_seq_len=64)
+    positions = torch.arange(64, dtype=torch.float64)
+    head_dim = cfg.dim // cfg.n_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)
+                                        / head_dim)
+    exact = torch.outer(positions, inv_freq).cos()  # fp64, from the definition
+    model = Transformer(cfg)
+    fp32 = model.rope_cos.clone()
+    assert fp32.dtype == torch.float32
+    model.to(torch.float64)
+    assert model.rope_cos.dtype == torch.float64
+    assert (model.rope_cos - exact).abs().max() < 1e-15
+    model.to(torch.bfloat16).to(torch.float32)
+    assert torch.equal(model.rope_cos, fp32)
