@@ -280,6 +280,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--tokens {args.tokens} must be >= 1")
     if args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len {args.seq_len} must be >= 1")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a file, not a directory")
     sources = parse_sources(args.data)
     for name, spec in sources.items():  # every source readable before the model is loaded
         if not spec.startswith("synthetic:"):

@@ -141,6 +141,11 @@ def test_seq_len_option_and_expert_choice_refused(tmp_path, capsys):
     assert {s["tokens"] for s in result["sources"].values()} == {192}  # 12 blocks of 16
     assert main([str(tmp_path / "run"), "--data", "synthetic", "--seq-len", "64"]) == 2
     assert "--seq-len 64 exceeds the model's max_seq_len 32" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("mine")
+    assert main([str(tmp_path / "run"), "--data", "synthetic", "--out",
+                 str(tmp_path / "a-file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
     choice = tiny_run(tmp_path / "ec", MoEConfig(router="expert_choice", num_experts=4,
                                                  expert_hidden=16, capacity_factor=1.0),
                       BalanceConfig(aux_loss="none"), steps=1)
