@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--nproc ({args.nproc}) and --jobs ({args.jobs}) must be >= 1")
     jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // args.nproc)
     out = (args.out or REPO / "runs" / "experiments" / args.experiment).resolve()
+    if args.report_only and not out.is_dir():
+        parser.error(f"--report-only: {out} holds no runs of {args.experiment} (no such "
+                     "directory); pass the --out of the runs")
     wall_s = None
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)

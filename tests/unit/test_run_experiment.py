@@ -92,6 +92,15 @@ def test_a_failed_run_stops_the_experiment_and_shows_its_log(tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_a_report_of_no_runs_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["balancing", "--out", str(tmp_path / "nowhere"), "--report-only"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("nowhere holds no runs of balancing (no such directory); pass the --out "
+                        "of the runs")
+
+
 # ---- summaries and aggregation on crafted metrics --------------------------------------------
 
 def moe_record(step, max_violation, dead, loss=1.0):
