@@ -284,7 +284,8 @@ def load_lora_base(model, init_from: str | None, field: str = "init_from",
 
 
 def check_lora_base(init_from: str, field: str = "init_from") -> Path:
-    """A moetrain checkpoint that can be a LoRA base (cheap: no hashing, no collective)."""
+    """A moetrain checkpoint whose weights can start a run, full or LoRA: not itself a LoRA
+    checkpoint, which holds adapters only (cheap: no hashing, no collective)."""
     base = checked_path(init_from, field)
     if load_run_config(base).finetune.lora.enabled:
         raise ValueError(f"{field}={init_from!r} is itself a LoRA checkpoint; export it merged "

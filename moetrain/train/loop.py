@@ -63,7 +63,7 @@ class Trainer:
             cfg.model.vocab_size, cfg.train.grad_accum)
         self._val_bytes_per_token = None
         lora = cfg.finetune.lora.enabled
-        if lora and init_from is not None:
+        if init_from is not None:
             check_lora_base(cfg.init_from)
         # config.yaml (and a LoRA checkpoint, which names its base) must work from anywhere
         record_absolute_paths(cfg)

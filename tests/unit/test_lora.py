@@ -359,11 +359,15 @@ def test_lora_needs_a_base_and_valid_targets(tmp_path, base_checkpoint):
         cfg.validate(1)
 
 
-def test_a_lora_checkpoint_cannot_be_a_lora_base(tmp_path, base_checkpoint):
+def test_a_lora_checkpoint_cannot_start_a_run(tmp_path, base_checkpoint):
     Trainer(lora_cfg(tmp_path, base_checkpoint, "first", steps=2)).fit()
     adapters = tmp_path / "first" / "checkpoints" / "step_00000002"
     with pytest.raises(ValueError, match=r"is itself a LoRA checkpoint; export it merged"):
         Trainer(lora_cfg(tmp_path, adapters, "second", steps=2))
+    full = lora_cfg(tmp_path, adapters, "third", steps=2)  # a full fine-tune: the same line
+    full.finetune.lora.rank = 0
+    with pytest.raises(ValueError, match=r"is itself a LoRA checkpoint; export it merged"):
+        Trainer(full)
 
 
 def test_gathered_walk_with_adapters_and_dropout_matches_its_gradients(block_rows):
