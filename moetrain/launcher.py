@@ -20,6 +20,7 @@ import sys
 
 ENTRY = "moetrain.train"
 STOP_CODES = (130, 143)  # 128 + SIGINT, 128 + SIGTERM: a rank stopped cleanly on a signal
+AGENT_SIGNALS = (15, 9)  # how torchrun's agent stops the other ranks once one has failed
 
 
 def world_size(args) -> int | None:
@@ -43,8 +44,15 @@ def report(failures: dict) -> int:
     codes = [failure.exitcode for _, failure in ranked]
     if all(code in STOP_CODES for code in codes):
         return codes[0]  # rank 0 has printed where it stopped and saved
-    rank, failure = next((r, f) for r, f in ranked if f.exitcode not in STOP_CODES)
+    # The rank that failed by itself: an exit code of its own first, then a signal other
+    # than the SIGTERM/SIGKILL with which the agent stops the other ranks after a failure.
+    crashed = [(r, f) for r, f in ranked if f.exitcode > 0 and f.exitcode not in STOP_CODES]
+    killed = [(r, f) for r, f in ranked if f.exitcode < 0]
+    rank, failure = (crashed or [(r, f) for r, f in killed if -f.exitcode not in AGENT_SIGNALS]
+                     or killed)[0]
     code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    if code in STOP_CODES:  # killed mid-step, no checkpoint: not a stop to requeue
+        code = 1
     reason = (f"killed by signal {-failure.exitcode}" if failure.exitcode < 0
               else f"exit code {failure.exitcode}")
     print(f"moetrain: rank {rank} failed ({reason}); its output is above", file=sys.stderr,

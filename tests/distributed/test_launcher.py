@@ -135,3 +135,23 @@ def test_sigint_stops_every_rank_with_a_checkpoint_and_exit_130(tmp_path):
     stops = [line for line in lines(err) if line.startswith("moetrain:")]
     assert len(stops) == 1 and "stopped by SIGINT" in stops[0], err
     assert list((tmp_path / "run" / "checkpoints").glob("step_*/manifest.json"))
+
+
+@pytest.mark.parametrize("codes, expected_code, named", [
+    ({0: -15, 1: 1}, 1, "rank 1 failed (exit code 1)"),  # rank 1 raised; the agent killed 0
+    ({0: -15, 1: -11}, 139, "rank 1 failed (killed by signal 11)"),  # a segfault
+    ({0: -15, 1: -15}, 1, "rank 0 failed (killed by signal 15)"),  # never 143: no checkpoint
+    ({0: 143, 1: -9}, 137, "rank 1 failed (killed by signal 9)"),
+    ({0: 143, 1: 143}, 143, None),  # every rank stopped cleanly on SIGTERM
+])
+def test_the_launcher_names_the_rank_that_failed_and_never_a_stop_code(codes, expected_code,
+                                                                       named, capsys):
+    """A crash must not exit 143, which slurm.sbatch requeues as a stop with a checkpoint."""
+    from types import SimpleNamespace
+
+    from moetrain.launcher import report
+    failures = {rank: SimpleNamespace(exitcode=code, error_file_data={})
+                for rank, code in codes.items()}
+    assert report(failures) == expected_code
+    err = capsys.readouterr().err
+    assert (named is None and err == "") or err == f"moetrain: {named}; its output is above\n"
