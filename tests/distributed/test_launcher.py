@@ -155,3 +155,25 @@ def test_the_launcher_names_the_rank_that_failed_and_never_a_stop_code(codes, ex
     assert report(failures) == expected_code
     err = capsys.readouterr().err
     assert (named is None and err == "") or err == f"moetrain: {named}; its output is above\n"
+
+
+def test_slurm_script_needs_a_run_it_can_requeue(tmp_path):
+    """Slurm stand-ins on PATH: without run_dir= and resume=auto a requeued job would start
+    over (or be refused as a new run in an old run_dir), so the script refuses to start; with
+    them it hands the arguments to srun (the stand-in prints them)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("scontrol", "echo node0"), ("srun", 'echo srun "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node0",
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO)}
+    refused = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), "model=deepseek_tiny"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("slurm.sbatch: pass run_dir=DIR and resume=auto")
+    started = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), "run_dir=runs/job",
+                              "resume=auto"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert started.returncode == 0 and started.stdout.startswith("srun ")
+    assert started.stdout.strip().endswith("run_dir=runs/job resume=auto")
