@@ -177,3 +177,19 @@ def test_slurm_script_needs_a_run_it_can_requeue(tmp_path):
                              text=True, timeout=60)
     assert started.returncode == 0 and started.stdout.startswith("srun ")
     assert started.stdout.strip().endswith("run_dir=runs/job resume=auto")
+
+
+def test_launch_script_reads_relative_paths_from_where_it_is_started(tmp_path):
+    (tmp_path / "corpus.txt").write_text("".join(f"line {i} of a small corpus\n"
+                                                 for i in range(200)))
+    code, out, err = finish(subprocess.Popen(
+        [str(REPO / "launch/torchrun.sh"), "data=local_text", "data.path=corpus.txt",
+         "data.tokenizer=byte", "model.vocab_size=256", "data.seq_len=32", "train.steps=1",
+         "train.micro_batch_size=2", "logger=none", "run_dir=run"],
+        cwd=tmp_path, env={**ENV, "NPROC": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+    assert code == 0, err
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    bad = subprocess.run([str(REPO / "launch/torchrun.sh")], cwd=tmp_path,
+                         env={**ENV, "NPROC": "0"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr == "torchrun.sh: NPROC=0 must be an integer >= 1\n"
