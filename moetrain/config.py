@@ -61,17 +61,17 @@ class BalanceConfig:
     bias_center: bool = False
 
     def validate(self) -> None:
-        _check_choice("balance.aux_loss", self.aux_loss, AUX_LOSSES)
-        _check_choice("balance.aux_loss_stats", self.aux_loss_stats, AUX_LOSS_STATS)
-        _check_choice("balance.seq_aux_counts", self.seq_aux_counts, SEQ_AUX_COUNTS)
+        _check_choice("model.balance.aux_loss", self.aux_loss, AUX_LOSSES)
+        _check_choice("model.balance.aux_loss_stats", self.aux_loss_stats, AUX_LOSS_STATS)
+        _check_choice("model.balance.seq_aux_counts", self.seq_aux_counts, SEQ_AUX_COUNTS)
         _check(self.aux_loss_coef >= 0,
-               f"balance.aux_loss_coef={self.aux_loss_coef} must be >= 0")
-        _check(self.z_loss_coef >= 0, f"balance.z_loss_coef={self.z_loss_coef} must be >= 0")
-        _check_choice("balance.bias_update", self.bias_update, BIAS_UPDATES)
+               f"model.balance.aux_loss_coef={self.aux_loss_coef} must be >= 0")
+        _check(self.z_loss_coef >= 0, f"model.balance.z_loss_coef={self.z_loss_coef} must be >= 0")
+        _check_choice("model.balance.bias_update", self.bias_update, BIAS_UPDATES)
         _check(self.bias_update_rate > 0,
-               f"balance.bias_update_rate={self.bias_update_rate} must be > 0")
+               f"model.balance.bias_update_rate={self.bias_update_rate} must be > 0")
         _check(not (self.aux_loss == "sequence" and self.aux_loss_stats == "global_batch"),
-               "balance.aux_loss_stats=global_batch applies to the switch loss; the sequence "
+               "model.balance.aux_loss_stats=global_batch applies to the switch loss; the sequence "
                "loss is per sequence by definition (use micro_batch)")
 
 
@@ -98,46 +98,49 @@ class MoEConfig:
     router_jitter: float = 0.0  # multiplicative input noise in [1-eps, 1+eps] while training
     # Fine-tuning: the router's weight gets no gradient. Its aux-free bias still moves, and
     # balance losses still reach earlier layers through its probabilities: for routing that
-    # changes only with its inputs, also set balance.aux_free=false and aux_loss=none.
+    # changes only with its inputs, also set model.balance.aux_free=false and aux_loss=none.
     freeze_router: bool = False
 
     def validate(self) -> None:
         E, k = self.num_experts, self.top_k
-        _check_choice("moe.router", self.router, ROUTERS)
-        _check(E >= 1, f"moe.num_experts={E} must be >= 1")
-        _check(self.expert_hidden >= 1, f"moe.expert_hidden={self.expert_hidden} must be >= 1")
-        _check(1 <= k <= E, f"moe.top_k={k} must be between 1 and moe.num_experts={E}")
+        _check_choice("model.moe.router", self.router, ROUTERS)
+        _check(E >= 1, f"model.moe.num_experts={E} must be >= 1")
+        _check(self.expert_hidden >= 1,
+               f"model.moe.expert_hidden={self.expert_hidden} must be >= 1")
+        _check(1 <= k <= E, f"model.moe.top_k={k} must be between 1 and model.moe.num_experts={E}")
         if self.router == "top1":
-            _check(k == 1, f"moe.top_k={k} but router 'top1' routes each token to exactly 1 "
-                           "expert; set moe.top_k=1 or use router 'softmax_topk'")
+            _check(k == 1, f"model.moe.top_k={k} but router 'top1' routes each token to exactly 1 "
+                           "expert; set model.moe.top_k=1 or use router 'softmax_topk'")
         _check(self.capacity_factor is None or self.capacity_factor > 0,
-               f"moe.capacity_factor={self.capacity_factor} must be > 0, or null for dropless")
-        _check(self.n_groups >= 1, f"moe.n_groups={self.n_groups} must be >= 1")
+               f"model.moe.capacity_factor={self.capacity_factor} must be > 0, or null for "
+               "dropless")
+        _check(self.n_groups >= 1, f"model.moe.n_groups={self.n_groups} must be >= 1")
         _check(E % self.n_groups == 0,
-               f"moe.num_experts={E} is not divisible into moe.n_groups={self.n_groups} groups")
+               f"model.moe.num_experts={E} is not divisible into model.moe.n_groups="
+               f"{self.n_groups} groups")
         _check(1 <= self.topk_groups <= self.n_groups,
-               f"moe.topk_groups={self.topk_groups} must be between 1 and "
-               f"moe.n_groups={self.n_groups}")
+               f"model.moe.topk_groups={self.topk_groups} must be between 1 and "
+               f"model.moe.n_groups={self.n_groups}")
         if self.n_groups > 1:
             _check(self.router == "sigmoid",
-                   f"moe.n_groups={self.n_groups} (group-limited routing) needs router "
+                   f"model.moe.n_groups={self.n_groups} (group-limited routing) needs router "
                    f"'sigmoid', not {self.router!r}")
             per_group = E // self.n_groups
-            _check(per_group >= 2, f"moe.n_groups={self.n_groups} leaves {per_group} expert per "
-                                   "group; a group's score is the sum of its top-2 experts, "
-                                   "so each group needs >= 2")
+            _check(per_group >= 2, f"model.moe.n_groups={self.n_groups} leaves {per_group} "
+                                   "expert per group; a group's score is the sum of its top-2 "
+                                   "experts, so each group needs >= 2")
             reachable = self.topk_groups * per_group
             _check(k <= reachable,
-                   f"moe.top_k={k} exceeds the {reachable} experts in moe.topk_groups="
+                   f"model.moe.top_k={k} exceeds the {reachable} experts in model.moe.topk_groups="
                    f"{self.topk_groups} groups of {per_group}")
         _check(0 < self.route_scale < math.inf,
-               f"moe.route_scale={self.route_scale} must be > 0 and finite")
+               f"model.moe.route_scale={self.route_scale} must be > 0 and finite")
         _check(self.n_shared_experts >= 0,
-               f"moe.n_shared_experts={self.n_shared_experts} must be >= 0")
+               f"model.moe.n_shared_experts={self.n_shared_experts} must be >= 0")
         _check(self.shared_hidden is None or self.shared_hidden >= 1,
-               f"moe.shared_hidden={self.shared_hidden} must be >= 1 or null")
+               f"model.moe.shared_hidden={self.shared_hidden} must be >= 1 or null")
         _check(0 <= self.router_jitter < 1,
-               f"moe.router_jitter={self.router_jitter} must be in [0, 1)")
+               f"model.moe.router_jitter={self.router_jitter} must be in [0, 1)")
 
     @property
     def shared_hidden_size(self) -> int:
@@ -201,12 +204,12 @@ class ModelConfig:
             self.moe.validate()
             if self.balance.aux_free:
                 _check(self.moe.router == "sigmoid",
-                       f"balance.aux_free=true needs moe.router='sigmoid' (the bias shifts "
-                       f"selection scores), not {self.moe.router!r}")
+                       "model.balance.aux_free=true needs model.moe.router='sigmoid' (the bias "
+                       f"shifts selection scores), not {self.moe.router!r}")
             if self.moe.router == "expert_choice":
                 _check(self.balance.aux_loss == "none" and not self.balance.aux_free,
-                       "moe.router='expert_choice' is balanced by construction; set "
-                       "balance.aux_loss=none and balance.aux_free=false")
+                       "model.moe.router='expert_choice' is balanced by construction; set "
+                       "model.balance.aux_loss=none and model.balance.aux_free=false")
         self.balance.validate()
 
     @property
@@ -269,7 +272,7 @@ class ParallelConfig:
                    f"valid: {_divisors(dp_shard)}")
         if num_experts is not None:
             _check(num_experts % self.ep == 0,
-                   f"moe.num_experts={num_experts} is not divisible by parallel.ep={self.ep}")
+                   f"model.moe.num_experts={num_experts} is not divisible by parallel.ep={self.ep}")
         elif self.ep > 1:
             raise ValueError(f"parallel.ep={self.ep} needs an MoE model (model.moe is null)")
         _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")

@@ -10,7 +10,7 @@ def model(moe=None, balance=None, **kw):
 INVALID = [
     (dict(moe=MoEConfig(num_experts=4, top_k=5)), "moe.top_k=5"),
     (dict(moe=MoEConfig(num_experts=10, top_k=2, router="sigmoid", n_groups=4)),
-     "moe.num_experts=10 is not divisible into moe.n_groups=4"),
+     "model.moe.num_experts=10 is not divisible into model.moe.n_groups=4"),
     (dict(moe=MoEConfig(num_experts=16, top_k=2, router="sigmoid", n_groups=4,
                         topk_groups=5)), "moe.topk_groups=5"),
     (dict(moe=MoEConfig(num_experts=16, top_k=9, router="sigmoid", n_groups=4,

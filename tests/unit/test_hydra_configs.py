@@ -75,13 +75,13 @@ def test_full_size_shapes_build_on_meta_with_known_sizes(capsys):
 
 
 INVALID = [
-    (["model.moe.top_k=9"], "moe.top_k=9 must be between 1 and moe.num_experts=8"),
-    (["model=deepseek_tiny", "model.moe.n_groups=5"], "not divisible into moe.n_groups=5"),
+    (["model.moe.top_k=9"], "model.moe.top_k=9 must be between 1 and model.moe.num_experts=8"),
+    (["model=deepseek_tiny", "model.moe.n_groups=5"], "not divisible into model.moe.n_groups=5"),
     (["model=deepseek_tiny", "model.moe.topk_groups=8"], "moe.topk_groups=8"),
     (["model=deepseek_tiny", "model.moe.top_k=20"], "exceeds the 16 experts"),
     (["model.moe.capacity_factor=0"], "moe.capacity_factor=0"),
     (["model.moe.router=hash"], "moe.router='hash'"),
-    (["balance=aux_free"], "balance.aux_free=true needs moe.router='sigmoid'"),
+    (["balance=aux_free"], "model.balance.aux_free=true needs model.moe.router='sigmoid'"),
     (["model.balance.aux_loss=gshard"], "balance.aux_loss='gshard'"),
     (["model.n_heads=3"], "model.dim=128 is not divisible by model.n_heads=3"),
     (["parallel.ep=3"], "parallel.ep=3 does not divide the world size 2"),
@@ -122,8 +122,8 @@ def run_cli(*args, **env):
 def test_cli_invalid_config_exits_with_one_line_and_writes_nothing(tmp_path):
     proc = run_cli("model.moe.top_k=9", f"run_dir={tmp_path / 'run'}")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("moetrain: error: moe.top_k=9 must be between 1 and "
-                                   "moe.num_experts=8")
+    assert proc.stderr.strip() == ("moetrain: error: model.moe.top_k=9 must be between 1 and "
+                                   "model.moe.num_experts=8")
     assert not (tmp_path / "run").exists()
 
 
