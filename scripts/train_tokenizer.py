@@ -15,6 +15,7 @@ The built-in `stdlib-bpe-2048` (data=python_stdlib's tokenizer) was made on CPyt
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -32,11 +33,17 @@ def main() -> None:
     from moetrain.data.tokenizer import save_tokenizer, train_byte_bpe
     from moetrain.train.cli import config_from_overrides
     overrides = args.overrides or ["data=python_stdlib"]
-    cfg = config_from_overrides(["logger=none", *overrides]).data
     start = time.perf_counter()
-    texts = load_texts(cfg, "train")
-    if cfg.streaming:
-        raise SystemExit("data.streaming=true: train the tokenizer on a local sample instead")
+    try:  # bad overrides or data: one line, exit 2, as for training
+        cfg = config_from_overrides(["logger=none", *overrides]).data
+        cfg.validate()
+        if cfg.streaming:
+            raise ValueError("data.streaming=true: train the tokenizer on a local sample "
+                             "instead")
+        texts = load_texts(cfg, "train")
+    except ValueError as error:
+        print(f"train_tokenizer: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     column = texts[cfg.column]
     tokenizer = train_byte_bpe(column, args.vocab_size)
     out = save_tokenizer(tokenizer, args.out)

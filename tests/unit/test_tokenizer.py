@@ -115,6 +115,20 @@ def test_train_tokenizer_script_writes_a_tokenizer_the_trainer_reads(tmp_path):
     assert train.next_batch().max() > 255
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data=local_text"], "data.source='text' needs data.path"),
+    (["data.stepz=3"], "unknown config key 'data.stepz'"),
+    (["data=synthetic", "data.sample_by=foo"], "data.sample_by='foo' is not one of"),
+])
+def test_train_tokenizer_script_bad_input_is_one_line(tmp_path, overrides, message):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"), "--vocab-size", "300",
+         "--out", str(tmp_path / "tok"), *overrides], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.startswith("train_tokenizer: error: ")
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "tok").exists()
+
+
 def test_a_tokenizer_without_an_end_of_text_token_is_refused(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
