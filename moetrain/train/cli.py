@@ -92,6 +92,19 @@ def config_from_overrides(overrides: list[str]) -> RunConfig:
     return to_run_config(dict_cfg)
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job of a -m sweep (`model=a,b train.steps=3` gives two);
+    one list when nothing sweeps."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise ValueError(f"invalid overrides: {' '.join(str(error).split())}") from None
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
 def preflight(overrides: list[str], world: int | None) -> RunConfig:
     """Every check of a run that needs neither data nor ranks; raises ValueError."""
     from moetrain.train.setup import apply_init_from_hf, check_run_dir
@@ -163,9 +176,16 @@ def run() -> None:
     from moetrain.train.preemption import STOP
     STOP.install()  # a signal during start-up exits at once, without a traceback
     overrides = sys.argv[1:]
-    if not any(arg.startswith("-") for arg in overrides):  # not a sweep, --help, --cfg ...
+    flags = {arg for arg in overrides if arg.startswith("-")}
+    if flags <= {"-m", "--multirun"}:  # a run or a sweep; --help, --cfg ... are Hydra's
         try:  # Hydra's own override errors are several lines and exit 1
-            config_from_overrides(overrides)
+            jobs = sweep_jobs([arg for arg in overrides if arg not in flags])
+            if len(jobs) == 1:  # main checks the rest, before any work
+                config_from_overrides(jobs[0])
+            else:  # every job, before the first one starts
+                from moetrain.train.setup import world_size_from_env
+                for job in jobs:
+                    preflight(job, world_size_from_env())
         except ValueError as error:
             fail(f"moetrain: error: {error}", 2)
     try:

@@ -161,6 +161,17 @@ def test_console_script_runs_the_same_entry_point(tmp_path):
     assert "parameters: 46,70" in proc.stdout and "top-2" in proc.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["-m", "train.stepz=5"], "unknown config key 'train.stepz'"),
+    (["-m", "model.moe.top_k=2,9"], "model.moe.top_k=9 must be between 1 and"),  # job 2
+])
+def test_every_job_of_a_sweep_is_checked_before_any_runs(tmp_path, args, message):
+    proc = run_cli(*args, f"run_dir={tmp_path / 'run'}", "train.steps=1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("moetrain: error: ") and proc.stderr.count("\n") == 1
+    assert message in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_a_value_of_the_wrong_type_says_why_in_one_line():
     from moetrain.train.cli import config_from_overrides
     with pytest.raises(ValueError) as err:
