@@ -57,6 +57,20 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+def schema_keys(key: str) -> str:
+    """'valid keys here: ...' for an unknown dotted key, from the typed schema."""
+    import typing
+    kind = RunConfig
+    for part in key.split(".")[:-1]:
+        hints = typing.get_type_hints(kind)
+        inner = [t for t in (hints.get(part), *typing.get_args(hints.get(part)))
+                 if dataclasses.is_dataclass(t)]
+        if not inner:
+            return "see configs/ and moetrain/config.py for the valid keys"
+        kind = inner[0]
+    return f"valid keys here: {', '.join(sorted(f.name for f in dataclasses.fields(kind)))}"
+
+
 def to_run_config(dict_cfg: DictConfig) -> RunConfig:
     unknown = unknown_keys(dict_cfg)
     if unknown:
@@ -83,8 +97,8 @@ def config_from_overrides(overrides: list[str]) -> RunConfig:
     except Exception as error:
         cause = error.__cause__
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
-            raise ValueError(f"unknown config key {cause.full_key!r}; see configs/ and "
-                             "moetrain/config.py for the valid keys") from None
+            raise ValueError(f"unknown config key {cause.full_key!r}; "
+                             f"{schema_keys(cause.full_key)}") from None
         reason = " ".join(str(error).split())  # Hydra's messages span lines
         if cause is not None and str(cause).strip():  # e.g. why a value does not convert
             reason += f": {str(cause).strip().splitlines()[0]}"

@@ -172,6 +172,19 @@ def test_every_job_of_a_sweep_is_checked_before_any_runs(tmp_path, args, message
     assert message in proc.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, fields", [
+    ("train.stepz=5", "activation_checkpointing, compile, exit_at_step, grad_accum"),
+    ("model.moe.topk=3", "capacity_factor, expert_hidden, freeze_router"),
+    ("unknown.key=1", "checkpoint, data, dry_run, finetune"),
+])
+def test_an_unknown_key_without_plus_lists_the_valid_ones_too(override, fields):
+    from moetrain.train.cli import config_from_overrides
+    with pytest.raises(ValueError) as err:
+        config_from_overrides([override])
+    key = override.split("=")[0] if override != "unknown.key=1" else "unknown"
+    assert str(err.value).startswith(f"unknown config key '{key}'; valid keys here: {fields}")
+
+
 def test_a_value_of_the_wrong_type_says_why_in_one_line():
     from moetrain.train.cli import config_from_overrides
     with pytest.raises(ValueError) as err:
