@@ -290,9 +290,10 @@ def _first_steps_on_real_text(tmp_path, name: str, overrides: list[str], steps: 
 def test_shipped_bias_update_recovers_from_the_collapsed_start_on_real_text(tmp_path):
     """From a collapsed start (token embeddings at std 0.02: for ~10 steps every token's
     hidden state points the same way and all of them pick the same experts), the paper's sign
-    step (1e-3) leaves ~30 of the 96 experts dead for hundreds of steps; the shipped
-    proportional step revives most of them by steps 31-40 (scripts/bench_balance_start.py has
-    the whole picture). ~40 s."""
+    step (1e-3) leaves 44-58 of the 96 experts dead on average over steps 31-40, and they stay
+    so for hundreds of steps; the shipped proportional step leaves 13-24, with the worst
+    layer's MaxVio lower by 0.3-1.0 (train.seed 0, 1, 2; scripts/bench_balance_start.py has
+    the whole picture). Seed 0 here, with margins the other two also keep. ~40 s."""
     collapsed_start = ["model.embed_init_std=0.02"]
     sign = ["model.balance.bias_update=sign", "model.balance.bias_update_rate=0.001",
             "model.balance.aux_loss=none"]
@@ -308,9 +309,9 @@ def test_shipped_bias_update_recovers_from_the_collapsed_start_on_real_text(tmp_
 
     for run in runs.values():  # both start collapsed: some layer sends ~every token to 6 experts
         assert max(max(run[s]["max_violation_global"]) for s in range(5, 16)) > 4.0
-    assert mean_dead(runs["sign"], late) > 15
-    assert mean_dead(runs["shipped"], late) < mean_dead(runs["sign"], late) / 3
-    assert mean_max_violation(runs["shipped"], late) < mean_max_violation(runs["sign"], late) - 1
+    assert mean_dead(runs["sign"], late) > 30
+    assert mean_dead(runs["shipped"], late) < mean_dead(runs["sign"], late) / 2
+    assert mean_max_violation(runs["shipped"], late) < mean_max_violation(runs["sign"], late)
 
 
 @pytest.mark.parametrize("family", ["deepseek_tiny", "mixtral_tiny"])
