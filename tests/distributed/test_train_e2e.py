@@ -88,5 +88,9 @@ def test_multirun_sweep_writes_one_run_dir_per_job(tmp_path):
                            "model=mixtral_tiny,dense_tiny"], cwd=tmp_path,
                           capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "runs").iterdir())
+    runs = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "runs").iterdir()
+                  if p.name != "multirun")
     assert runs == ["dense_tiny-switch_aux-job1", "mixtral_tiny-switch_aux-job0"]
+    # Hydra's record of the sweep, kept beside the runs, not in the working directory
+    assert len(list((tmp_path / "runs" / "multirun").glob("*/multirun.yaml"))) == 1
+    assert not (tmp_path / "multirun.yaml").exists()
