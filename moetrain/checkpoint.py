@@ -42,9 +42,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _published(path: Path) -> bool:
-    """Renamed into place (not .tmp) with a manifest, or with DCP metadata for a checkpoint
-    written before manifests."""
+def is_checkpoint(path: Path) -> bool:
+    """A published checkpoint directory: renamed into place (not .tmp) with a manifest, or
+    with DCP metadata for a checkpoint written before manifests."""
     return (not path.name.endswith(TMP_SUFFIX)
             and ((path / MANIFEST).is_file() or (path / ".metadata").is_file()))
 
@@ -58,7 +58,7 @@ def complete_checkpoints(root: Path, warn: bool = True) -> list[Path]:
     for path in sorted(root.iterdir()):
         if not path.name.startswith(PREFIX):
             continue
-        if not _published(path):
+        if not is_checkpoint(path):
             if warn:
                 _warn(f"skipping partial checkpoint {path} (an interrupted save)")
             continue
@@ -175,7 +175,7 @@ def checked_path(value: str | Path, field: str = "resume") -> Path:
     """An explicitly named checkpoint must at least be a published checkpoint directory;
     cheap (no hashing, no collective), so every rank can check it before starting."""
     path = Path(value)
-    if not (path.is_dir() and _published(path)):
+    if not (path.is_dir() and is_checkpoint(path)):
         valid = ("'auto' or a checkpoints/step_XXXXXXXX path" if field == "resume"
                  else "a checkpoints/step_XXXXXXXX path, or hf:DIR for a transformers one")
         raise ValueError(f"{field}={str(value)!r} is not a complete checkpoint directory (no "
@@ -198,7 +198,7 @@ def find_checkpoint(path: str | Path, field: str = "checkpoint") -> Path:
     """A checkpoint directory as given, or the newest valid checkpoint of a run directory;
     verified either way (in this process alone, for the one-process tools)."""
     path = Path(path)
-    if path.is_dir() and _published(path):
+    if path.is_dir() and is_checkpoint(path):
         verify_checkpoint(path)
         return path
     found = complete_checkpoints(checkpoint_dir(path), warn=False) if path.is_dir() else []

@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from moetrain.checkpoint import find_checkpoint, load_run_config
-from moetrain.integrity import MANIFEST
+from moetrain.checkpoint import find_checkpoint, is_checkpoint, load_run_config
 
 FORMATS = ("hf", "safetensors")
 
@@ -58,7 +57,7 @@ def export_safetensors(source: str | Path, out: Path, dtype: str = "float32",
 def default_out(source: Path, fmt: str) -> Path:
     """Inside a run directory; never inside a checkpoint, which keep_last may delete (nor in
     checkpoints/, where it would read as a partial checkpoint)."""
-    if not ((source / MANIFEST).is_file() or (source / ".metadata").is_file()):
+    if not is_checkpoint(source):
         return source / f"export-{fmt}"  # a run directory
     beside = source.parent.parent if source.parent.name == "checkpoints" else source.parent
     return beside / f"export-{fmt}-{source.name}"
