@@ -53,19 +53,21 @@ def record_absolute_paths(cfg: RunConfig) -> None:
         if data.val_path:
             data.val_path = os.path.abspath(data.val_path)
     if cfg.init_from:
-        hf = cfg.init_from.startswith("hf:")
-        path = os.path.abspath(cfg.init_from[3:] if hf else cfg.init_from)
-        cfg.init_from = f"hf:{path}" if hf else path
+        cfg.init_from = _init_from_path(cfg.init_from, os.path.abspath)
+
+
+def _init_from_path(init_from: str, normalise) -> str:
+    """init_from with its path (after any `hf:`) passed through `normalise`."""
+    hf = init_from.startswith("hf:")
+    path = str(normalise(init_from[3:] if hf else init_from))
+    return f"hf:{path}" if hf else path
 
 
 def check_same_lora_base(cfg: RunConfig, saved: RunConfig, checkpoint: Path) -> None:
     """A LoRA run resumes on the base its adapters were trained on (one line if not); a
     changed alpha (which rescales every trained adapter) is named."""
     def where(init_from: str | None) -> str | None:
-        if not init_from:
-            return None
-        hf = init_from.startswith("hf:")
-        return ("hf:" if hf else "") + str(Path(init_from[3:] if hf else init_from).resolve())
+        return _init_from_path(init_from, lambda p: Path(p).resolve()) if init_from else None
 
     if where(cfg.init_from) != where(saved.init_from):
         raise ValueError(f"resume={str(checkpoint)!r} trained its adapters on "
