@@ -88,11 +88,11 @@ def published(out: str | Path, overwrite: bool, source: Path):
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
-    resolved = out.resolve()
-    if resolved == Path(source).resolve() or resolved in Path(source).resolve().parents:
+    resolved, source_dir = out.resolve(), Path(source).resolve()
+    if resolved == source_dir or resolved in source_dir.parents:
         raise ValueError(f"--out {str(out)!r} holds the checkpoint being exported ({source}); "
                          "choose a directory outside it")
-    if Path(source).resolve() in resolved.parents:
+    if source_dir in resolved.parents:
         raise ValueError(f"--out {str(out)!r} is inside the checkpoint being exported "
                          f"({source}), which checkpoint.keep_last may delete; choose a "
                          "directory outside it")
