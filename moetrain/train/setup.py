@@ -3,6 +3,7 @@ directory, and the model built and parallelized for this rank."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -186,19 +187,33 @@ def check_new_run_dir(path: str | Path) -> None:
                          "continue it with resume=auto, or choose another run_dir")
 
 
+def new_dated_dir(parent: Path, name: str) -> Path:
+    """parent/name-<date>-<time>, created here: a run started in the same second by someone
+    else gets a -2, -3, ... of its own, never the other's directory."""
+    base = f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        path = parent / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+
+
 def choose_run_dir(cfg: RunConfig, ranks: Ranks) -> Path:
     """Rank 0 decides and creates it; the others receive the same path (or the same error)."""
     path, error = None, None
     if ranks.rank == 0:
-        path = cfg.run_dir or os.path.join(
-            "runs", f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        path = cfg.run_dir
         try:
+            if path is None:
+                path = str(new_dated_dir(Path("runs"), cfg.name))
             check_run_dir(path)
             Path(path).mkdir(parents=True, exist_ok=True)
         except ValueError as bad:
             error = str(bad)
         except OSError as bad:
-            error = f"run_dir={str(path)!r} cannot be created: {bad.strerror}"
+            error = f"run_dir={str(path or 'runs')!r} cannot be created: {bad.strerror}"
     path, error = ranks.broadcast((path, error))
     if error:
         raise ValueError(error)

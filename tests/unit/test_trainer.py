@@ -483,3 +483,20 @@ def test_an_exit_step_behind_the_resumed_step_is_named(tmp_path, capsys):
     assert Trainer(again).fit()["step"] == 4
     assert ("WARNING: train.exit_at_step=2 is not after the resumed step 2: this job runs to "
             "train.steps=4") in capsys.readouterr().out
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    from moetrain.train import setup
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(setup, "datetime", Frozen)
+    made = [setup.new_dated_dir(tmp_path / "runs", "quick") for _ in range(3)]
+    assert [p.name for p in made] == ["quick-20260102-030405", "quick-20260102-030405-2",
+                                      "quick-20260102-030405-3"]
+    assert all(p.is_dir() for p in made)
