@@ -22,6 +22,10 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_seed(name: str, seed: int) -> None:
+    _check(-(2**63) <= seed < 2**63, f"{name}={seed} must fit in 64 bits (|seed| < 2**63)")
+
+
 def _check_choice(key: str, value, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
 
@@ -321,6 +325,16 @@ class DataConfig:
         _check(0 <= self.val_fraction < 1,
                f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         _check(self.synthetic_docs >= 1, f"data.synthetic_docs={self.synthetic_docs} must be >= 1")
+        _check(self.synthetic_val_docs >= 1,
+               f"data.synthetic_val_docs={self.synthetic_val_docs} must be >= 1 (to skip "
+               "validation: train.val_every=0)")
+        _check_seed("data.seed", self.seed)
+        if self.source in ("synthetic", "python_stdlib"):  # they read no files: say so
+            for name in ("path", "val_path"):
+                value = getattr(self, name)
+                _check(value is None, f"data.{name}={value!r} is set, but data.source="
+                       f"{self.source!r} reads no files; for local files use data=local_text "
+                       "or data=local_json (or data.source=text|json|parquet)")
 
 
 @dataclass
@@ -343,7 +357,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # by the true global norm; 0 disables
 
     def validate(self) -> None:
-        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(0 < self.lr < math.inf, f"optim.lr={self.lr} must be > 0 and finite")
+        _check(0 <= self.eps < math.inf, f"optim.eps={self.eps} must be >= 0 and finite")
         _check(0 <= self.min_lr_ratio <= 1,
                f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
@@ -389,6 +404,9 @@ class LoopConfig:
         _check_choice("train.activation_checkpointing", self.activation_checkpointing,
                       ACTIVATION_CHECKPOINTING)
         _check_choice("train.on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        _check_seed("train.seed", self.seed)
+        _check(self.peak_tflops is None or 0 < self.peak_tflops < math.inf,
+               f"train.peak_tflops={self.peak_tflops} must be > 0 (or null: from the device)")
 
 
 @dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import array
 import codecs
+import contextlib
 import glob
+import itertools
 import os
 
 import torch
@@ -37,10 +39,14 @@ def _local_files(path: str, field: str) -> list[str]:
     return files
 
 
+# datasets reads these as UTF-8 text; parquet is binary, and says itself what is wrong
+TEXT_SOURCES = ("text", "json")
+
+
 def _unreadable(files: list[str], field: str, path: str, source: str, error: Exception) -> str:
     """One line naming the file datasets could not read, and why."""
     decoder = codecs.getincrementaldecoder("utf-8")
-    for name in files:
+    for name in files if source in TEXT_SOURCES else []:
         offset, dec = 0, decoder()
         with open(name, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -55,6 +61,18 @@ def _unreadable(files: list[str], field: str, path: str, source: str, error: Exc
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     return (f"{field}={path!r}: datasets could not read it as data.source={source!r} "
             f"({type(cause).__name__}: {reason[:200]})")
+
+
+def source_name(cfg: DataConfig, split: str) -> tuple[str, str]:
+    """(the setting that names this split's data, its value), for error messages."""
+    if cfg.source == "synthetic":
+        return ("data.synthetic_docs", cfg.synthetic_docs) if split == "train" else (
+            "data.synthetic_val_docs", cfg.synthetic_val_docs)
+    if cfg.source == "hub":
+        return "data.path", f"{cfg.path} split {cfg.split if split == 'train' else cfg.val_split}"
+    if cfg.source == "python_stdlib":
+        return "data.source", cfg.source
+    return ("data.path", cfg.path) if split == "train" else ("data.val_path", cfg.val_path)
 
 
 def load_texts(cfg: DataConfig, split: str):
@@ -88,24 +106,52 @@ def load_texts(cfg: DataConfig, split: str):
                                        streaming=cfg.streaming, **options)
         except Exception as error:  # datasets wraps the cause in a 100-line traceback
             raise ValueError(_unreadable(files, field, path, cfg.source, error)) from None
-    columns = ds.column_names or list(next(iter(ds)).keys())
-    if cfg.column not in columns:
-        raise ValueError(f"data.column={cfg.column!r} is not a column of {cfg.path!r}; "
-                         f"columns: {columns}")
-    kind = _column_kind(ds, cfg.column)
+    field, path = source_name(cfg, split)
+    with _read_errors(cfg, split):
+        columns = ds.column_names or list(_first_row(ds, field, path).keys())
+        if cfg.column not in columns:
+            raise ValueError(f"data.column={cfg.column!r} is not a column of {field}={path!r}; "
+                             f"columns: {columns}")
+        kind = _column_kind(ds, cfg.column, field, path)
     if kind not in ("string", "large_string"):
-        raise ValueError(f"data.column={cfg.column!r} of {cfg.path!r} holds {kind}, not text; "
-                         f"columns: {columns}")
+        raise ValueError(f"data.column={cfg.column!r} of {field}={path!r} holds {kind}, not "
+                         f"text; columns: {columns}")
     return ds
 
 
-def _column_kind(ds, column: str) -> str:
+def _first_row(ds, field: str, path) -> dict:
+    for row in ds:
+        return row
+    raise ValueError(f"{field}={path!r} holds no rows")
+
+
+@contextlib.contextmanager
+def _read_errors(cfg: DataConfig, split: str):
+    """A streamed dataset reads its files while it is iterated, so a bad byte or row shows up
+    there (possibly hours in): one line naming the data and the cause, not datasets' traceback."""
+    try:
+        yield
+    except Exception as error:
+        if type(error) is ValueError:
+            raise  # ours, already one line
+        raise ValueError(_read_error(cfg, split, error)) from None
+
+
+def _read_error(cfg: DataConfig, split: str, error: Exception) -> str:
+    field, path = source_name(cfg, split)
+    if cfg.source in ("synthetic", "python_stdlib", "hub"):
+        cause = error.__cause__ or error
+        return f"{field}={path!r}: reading it failed ({type(cause).__name__}: {cause})"[:400]
+    return _unreadable(_local_files(path, field), field, path, cfg.source, error)
+
+
+def _column_kind(ds, column: str, field: str, path) -> str:
     """The column's datasets dtype ('string' for text); a streamed dataset that does not
     declare its features is judged by its first row."""
     feature = ds.features.get(column) if ds.features else None
     if feature is not None:
         return getattr(feature, "dtype", type(feature).__name__)
-    value = next(iter(ds))[column]
+    value = _first_row(ds, field, path)[column]
     return "string" if value is None or isinstance(value, str) else type(value).__name__
 
 
@@ -161,10 +207,14 @@ class ShardedBlocks:
         self.rank, self.seed = rank, seed
         self.micro_batches_per_epoch = (len(blocks) // self.global_batch) * grad_accum
         self.epoch, self.micro_in_epoch = 0, 0
+        self._order, self._order_epoch = None, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.blocks), generator=g)
+        """The epoch's order of blocks, drawn once per epoch (a million blocks take ~0.1 s)."""
+        if self._order_epoch != epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            self._order, self._order_epoch = torch.randperm(len(self.blocks), generator=g), epoch
+        return self._order
 
     def next_batch(self) -> torch.Tensor:
         """(micro_batch_size, seq_len + 1) token ids."""
@@ -178,11 +228,15 @@ class ShardedBlocks:
 
     def state_dict(self) -> dict:
         """Layout-independent: micro-batches are counted per rank, so store optimizer steps,
-        of global batches of this many blocks."""
+        of global batches of this many blocks; and what the position is a position in."""
         return {"epoch": self.epoch, "steps_in_epoch": self.micro_in_epoch // self.grad_accum,
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, **self._corpus()}
+
+    def _corpus(self) -> dict:
+        return {"blocks": len(self.blocks), "block_len": self.blocks.shape[1], "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        check_same_corpus(state, self._corpus())
         saved = state.get("global_batch", self.global_batch)
         if saved != self.global_batch:  # the same step would start at another block
             raise ValueError(
@@ -194,50 +248,90 @@ class ShardedBlocks:
         self.micro_in_epoch = state["steps_in_epoch"] * self.grad_accum
 
 
+def packed_stream(ds, column: str, tokenizer, block: int):
+    """One pass over a stream of documents: blocks of `block` tokens, in order."""
+    buffer = []
+    for example in ds:
+        buffer.extend(tokenizer.encode(example[column] or ""))
+        buffer.append(tokenizer.eos_id)
+        full = len(buffer) // block * block
+        for start in range(0, full, block):
+            yield torch.tensor(buffer[start:start + block], dtype=torch.long)
+        del buffer[:full]  # once per document: linear in its length, however long
+
+
+def check_same_corpus(saved: dict, now: dict) -> None:
+    """A read position means nothing in other blocks: refuse to resume into them. (Older
+    checkpoints lack these keys and are taken as they are.)"""
+    what = {"block_len": "data.seq_len + 1", "seed": "data.seed",
+            "blocks": "training blocks"}
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            hint = ("to train these weights on other data, start a run with init_from=<the "
+                    "checkpoint>" if key == "blocks" else
+                    f"resume with {what[key]} = {saved[key]}")
+            raise ValueError(f"this run's data differs from the checkpoint's ({what[key]}: "
+                             f"{saved[key]} there, {value} here), so its read position would "
+                             f"point into other data; {hint}")
+
+
 class StreamingBlocks:
     """Stream documents (datasets' split_dataset_by_node gives each rank its own share),
-    pack on the fly. State = blocks consumed; resuming skips that many."""
+    pack on the fly. State = blocks consumed; resuming skips that many.
+
+    The first block is read when this is built, so data that yields none on this rank, or
+    cannot be read at all, fails before the run starts."""
 
     def __init__(self, ds, cfg: DataConfig, tokenizer, batch_size: int, rank: int, world: int):
         from datasets.distributed import split_dataset_by_node
         self.ds = split_dataset_by_node(ds, rank=rank, world_size=world)
-        self.cfg, self.tokenizer, self.batch_size, self.world = cfg, tokenizer, batch_size, world
+        self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.rank, self.world = rank, world
         self.consumed, self.epoch = 0, 0
         self._iter = self._blocks()
+        with _read_errors(cfg, "train"):
+            first = next(self._iter)
+        self._iter = itertools.chain([first], self._iter)
 
     def _blocks(self):
         block = self.cfg.seq_len + 1
         while True:
-            buffer, produced = [], 0
-            for example in self.ds:
-                buffer.extend(self.tokenizer.encode(example[self.cfg.column] or ""))
-                buffer.append(self.tokenizer.eos_id)
-                while len(buffer) >= block:
-                    yield torch.tensor(buffer[:block], dtype=torch.long)
-                    buffer = buffer[block:]
-                    produced += 1
+            produced = 0
+            for produced, row in enumerate(packed_stream(self.ds, self.cfg.column,
+                                                         self.tokenizer, block), 1):
+                yield row
             if produced == 0:
-                raise ValueError(f"data.path={self.cfg.path!r} yields no block of "
-                                 f"{block} tokens on this rank")
+                field, path = source_name(self.cfg, "train")
+                raise ValueError(f"{field}={path!r} yields no block of {block} tokens "
+                                 f"(data.seq_len {self.cfg.seq_len} + 1) on rank {self.rank} "
+                                 f"of {self.world}")
             self.epoch += 1
 
     def next_batch(self) -> torch.Tensor:
-        rows = [next(self._iter) for _ in range(self.batch_size)]
+        with _read_errors(self.cfg, "train"):
+            rows = [next(self._iter) for _ in range(self.batch_size)]
         self.consumed += self.batch_size
         return torch.stack(rows)
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "world": self.world}
+        return {"consumed": self.consumed, "world": self.world,
+                "block_len": self.cfg.seq_len + 1}
 
     def load_state_dict(self, state: dict) -> None:
+        check_same_corpus(state, {"block_len": self.cfg.seq_len + 1})
         saved = state.get("world", self.world)
         if saved != self.world:  # each rank's share of the stream depends on the world size
             raise ValueError(f"the checkpoint streamed its data on {saved} ranks, this run "
                              f"has {self.world}; streaming data resumes on {saved} ranks only")
         self._iter, self.consumed = self._blocks(), 0
-        for _ in range(state["consumed"]):
-            next(self._iter)
+        with _read_errors(self.cfg, "train"):
+            for _ in range(state["consumed"]):
+                next(self._iter)
         self.consumed = state["consumed"]
+
+
+# A streamed validation source is read up to this many blocks (it may never end)
+STREAMED_VAL_BLOCKS = 256
 
 
 def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_size: int,
@@ -259,18 +353,32 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world: int, vocab_si
     else:
         train_ds = load_texts(cfg, "train")
         val_ds = load_texts(cfg, "validation")
-    val_blocks = tokenize_and_pack(val_ds, cfg, tokenizer) if val_ds is not None and \
-        not cfg.streaming else None
+    val_blocks = None
+    if val_ds is not None:
+        if cfg.streaming:  # its first blocks, each once
+            with _read_errors(cfg, "validation"):
+                rows = list(itertools.islice(packed_stream(val_ds, cfg.column, tokenizer,
+                                                           cfg.seq_len + 1), STREAMED_VAL_BLOCKS))
+            val_blocks = torch.stack(rows) if rows else torch.empty(0, cfg.seq_len + 1)
+        else:
+            val_blocks = tokenize_and_pack(val_ds, cfg, tokenizer)
+        if len(val_blocks) == 0:
+            field, path = source_name(cfg, "validation")
+            raise ValueError(f"{field}={path!r} holds fewer than {cfg.seq_len + 1} tokens "
+                             f"(data.seq_len {cfg.seq_len} + 1): no validation block")
     if cfg.streaming:
-        if val_ds is not None:
-            val_blocks = torch.stack([b for _, b in zip(range(256), StreamingBlocks(
-                val_ds, cfg, tokenizer, 1, 0, 1)._blocks())])
+        if val_ds is None and rank == 0:
+            print("NOTE: a streamed run holds out no validation data (data.val_fraction cuts "
+                  "in-memory data only); name some with data.val_path (data.val_split on the "
+                  "hub) to log val_loss", flush=True)
         return StreamingBlocks(train_ds, cfg, tokenizer, batch_size, rank, world), val_blocks
     blocks = tokenize_and_pack(train_ds, cfg, tokenizer)
+    field, path = source_name(cfg, "train")
     if len(blocks) == 0:
-        raise ValueError(f"data.path={cfg.path!r} holds fewer than {cfg.seq_len + 1} tokens")
+        raise ValueError(f"{field}={path!r} holds fewer than {cfg.seq_len + 1} tokens "
+                         f"(data.seq_len {cfg.seq_len} + 1)")
     if not (blocks != tokenizer.eos_id).any():
-        raise ValueError(f"data.path={cfg.path!r} holds no text: every document in "
+        raise ValueError(f"{field}={path!r} holds no text: every document in "
                          f"data.column={cfg.column!r} is empty")
     if val_blocks is None and cfg.val_fraction > 0:
         n_val = max(1, int(len(blocks) * cfg.val_fraction))

@@ -89,3 +89,36 @@ def test_valid_layouts_pass():
     from moetrain.config import ParallelConfig
     ParallelConfig(ep=2, dp_replicate=2).validate(8, 8)  # HSDP 2 x 4, ep within a group
     ParallelConfig(ep=4, data_parallel="ddp").validate(4, 8)
+
+
+RUN_INVALID = [
+    ("data", dict(path="/data/train.jsonl"), "data.path='/data/train.jsonl' is set, but "
+     "data.source='synthetic' reads no files; for local files use data=local_text"),
+    ("data", dict(source="python_stdlib", val_path="v.txt"), "data.val_path='v.txt' is set"),
+    ("data", dict(synthetic_val_docs=0), "data.synthetic_val_docs=0 must be >= 1"),
+    ("data", dict(seed=2**64), f"data.seed={2**64} must fit in 64 bits"),
+    ("train", dict(seed=-(2**70)), f"train.seed={-(2**70)} must fit in 64 bits"),
+    ("train", dict(peak_tflops=0.0), "train.peak_tflops=0.0 must be > 0"),
+    ("optim", dict(eps=-1.0), "optim.eps=-1.0 must be >= 0 and finite"),
+    ("optim", dict(lr=float("inf")), "optim.lr=inf must be > 0 and finite"),
+]
+
+
+@pytest.mark.parametrize("section,kwargs,message", RUN_INVALID,
+                         ids=[m[:40] for _, _, m in RUN_INVALID])
+def test_invalid_run_settings_raise_one_line_naming_the_value(section, kwargs, message):
+    from moetrain.config import DataConfig, LoopConfig, OptimConfig
+    made = {"data": DataConfig, "train": LoopConfig, "optim": OptimConfig}[section](**kwargs)
+    with pytest.raises(ValueError) as info:
+        made.validate()
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_huge_data_seeds_still_draw_an_order():
+    import torch
+
+    from moetrain.data.loader import ShardedBlocks
+    for seed in (2**45, 2**63 - 1, -5):
+        assert ShardedBlocks(torch.arange(8).unsqueeze(1), 2, 1, 0, 1, seed).next_batch().shape \
+            == (2, 1)

@@ -130,6 +130,24 @@ def test_streaming_local_json_shards_and_resumes(tmp_path):
      "holds no text: every document in data.column='text' is empty"),
     (lambda d: DataConfig(source="text", path=str(d / "blank.txt"), seq_len=8,
                           tokenizer="byte"), "holds no text"),
+    # streamed: the first block is read while the data is built, not steps into the run
+    (lambda d: DataConfig(source="text", path=str(d / "tiny.txt"), seq_len=64, streaming=True),
+     r"data.path='.*tiny.txt' yields no block of 65 tokens \(data.seq_len 64 \+ 1\) on rank 0"),
+    (lambda d: DataConfig(source="json", path=str(d / "emptyarr.json"), streaming=True),
+     "emptyarr.json' holds no rows"),
+    # the validation source is named, not the training one
+    (lambda d: DataConfig(source="json", path=str(d / "good.jsonl"), val_path=str(
+        d / "rows.jsonl"), column="body"), "data.column='body' is not a column of "
+     "data.val_path='.*rows.jsonl'"),
+    (lambda d: DataConfig(source="text", path=str(d / "good.txt"), val_path=str(d / "tiny.txt"),
+                          seq_len=8), r"data.val_path='.*tiny.txt' holds fewer than 9 tokens"),
+    (lambda d: DataConfig(source="text", path=str(d / "good.txt"), val_path=str(d / "tiny.txt"),
+                          seq_len=8, streaming=True),
+     r"data.val_path='.*tiny.txt' holds fewer than 9 tokens"),
+    (lambda d: DataConfig(synthetic_docs=1, seq_len=256), "data.synthetic_docs=1 holds fewer"),
+    # parquet is binary: the reason is arrow's, not "not UTF-8 text"
+    (lambda d: DataConfig(source="parquet", path=str(d / "truncated.parquet")),
+     r"truncated.parquet': datasets could not read it as data.source='parquet' \(ArrowInvalid"),
 ])
 def test_bad_data_fails_clearly_before_training(tmp_path, make, message):
     (tmp_path / "empty.txt").write_text("")
@@ -138,6 +156,10 @@ def test_bad_data_fails_clearly_before_training(tmp_path, make, message):
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a", "id": 1}) + "\n")
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
                                                   for t in ["a", 12345, "b"]))
+    (tmp_path / "emptyarr.json").write_text("[]")
+    (tmp_path / "good.jsonl").write_text(json.dumps({"body": "some words " * 20}) + "\n")
+    (tmp_path / "good.txt").write_text("some words here\n" * 20)
+    (tmp_path / "truncated.parquet").write_bytes(b"PAR1\xff\x15\x00\x15\x1c")
     with pytest.raises(ValueError, match=message):
         build_data(make(tmp_path), 2, 0, 1, 256)
 
@@ -150,8 +172,74 @@ def test_a_stream_without_declared_features_is_judged_by_its_first_row():
     def rows(value):
         return datasets.IterableDataset.from_generator(lambda: iter([{"text": value}]))
     assert rows(1).features is None
-    assert [_column_kind(rows(v), "text") for v in (1, "a", None)] == ["int", "string",
+    assert [_column_kind(rows(v), "text", "data.path", "x") for v in (1, "a", None)] == [
+        "int", "string",
                                                                         "string"]
+
+
+def test_a_bad_file_met_midway_through_a_stream_is_named(tmp_path):
+    (tmp_path / "a.txt").write_text("good text line\n" * 50)
+    (tmp_path / "b.txt").write_bytes(b"more\n\xff\xfe bad bytes\n")
+    cfg = DataConfig(source="text", path=str(tmp_path / "*.txt"), streaming=True, seq_len=16)
+    source, _ = build_data(cfg, 4, 0, 1, 256)
+    with pytest.raises(ValueError, match=r"b.txt is not UTF-8 text \(invalid byte at offset 5\)"):
+        for _ in range(100):
+            source.next_batch()
+
+
+def test_streamed_packing_equals_packing_in_memory():
+    from moetrain.data.loader import packed_stream
+    from moetrain.data.tokenizer import ByteTokenizer
+    texts = ["x" * 5000, "", "short", "y" * 37, "z" * 12]  # one document of many blocks
+    tok = ByteTokenizer()
+    streamed = torch.stack(list(packed_stream([{"text": t} for t in texts], "text", tok, 17)))
+    assert torch.equal(streamed, pack([tok.encode(t) for t in texts], tok.eos_id, 17))
+
+
+def test_a_streamed_validation_source_is_read_once():
+    from moetrain.data.loader import STREAMED_VAL_BLOCKS
+    cfg = DataConfig(synthetic_docs=50, synthetic_val_docs=3, streaming=True, seq_len=16)
+    _, val = build_data(cfg, 2, 0, 1, 256)
+    _, in_memory = build_data(DataConfig(synthetic_docs=50, synthetic_val_docs=3, seq_len=16),
+                              2, 0, 1, 256)
+    assert 0 < len(val) < STREAMED_VAL_BLOCKS and torch.equal(val, in_memory)
+
+
+def test_an_epoch_order_is_drawn_once(monkeypatch):
+    draws = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(1) or real(*a, **k))
+    source = ShardedBlocks(torch.arange(40).unsqueeze(1), 2, 1, 0, 1, seed=0)
+    for _ in range(30):  # 20 micro-batches per epoch: two epochs
+        source.next_batch()
+    assert len(draws) == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(seed=4), r"data.seed: 3 there, 4 here.*resume with data.seed = 3"),
+    (dict(blocks=torch.arange(90).view(45, 2)), "training blocks: 50 there, 45 here.*init_from"),
+    (dict(blocks=torch.arange(150).view(50, 3)), r"data.seq_len \+ 1: 2 there, 3 here"),
+])
+def test_sharded_blocks_refuse_to_resume_into_other_data(change, message):
+    args = dict(blocks=torch.arange(100).view(50, 2), seed=3)
+    first = ShardedBlocks(args["blocks"], 4, 1, 0, 1, seed=args["seed"])
+    first.next_batch()
+    args.update(change)
+    other = ShardedBlocks(args["blocks"], 4, 1, 0, 1, seed=args["seed"])
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(first.state_dict())
+    same = ShardedBlocks(torch.arange(100).view(50, 2), 4, 1, 0, 1, seed=3)
+    same.load_state_dict(first.state_dict())
+    assert torch.equal(same.next_batch(), first.next_batch())
+
+
+def test_streaming_refuses_to_resume_at_another_seq_len(tmp_path):
+    (tmp_path / "a.txt").write_text("good text line\n" * 50)
+    cfg = DataConfig(source="text", path=str(tmp_path / "a.txt"), streaming=True, seq_len=16)
+    first, _ = build_data(cfg, 2, 0, 1, 256)
+    longer, _ = build_data(DataConfig(**{**cfg.__dict__, "seq_len": 32}), 2, 0, 1, 256)
+    with pytest.raises(ValueError, match=r"data.seq_len \+ 1: 17 there, 33 here"):
+        longer.load_state_dict(first.state_dict())
 
 
 def test_vocab_smaller_than_tokenizer_is_rejected():
