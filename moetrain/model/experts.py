@@ -303,6 +303,11 @@ class GroupedExperts(nn.Module):
             return out if row_ids is None else x.new_zeros(x.shape).index_add(0, row_ids, out)
         counts = tokens_per_expert.tolist()  # NOTE: device-to-host sync; free on CPU
         gates = gates.to(x.dtype)
+        # Weights that FSDP's mixed precision leaves in fp32 (experts not FSDP-sharded when
+        # each shard has one replica) meet bf16 rows: compute in the rows' dtype, as FSDP's
+        # param_dtype does for the rest of the block.
+        weights = [w.to(x.dtype) for w in weights]
+        adapters = [None if a is None else a.to(x.dtype) for a in adapters]
         return _SwiGLUExpertsCPU.apply(x.contiguous(), gates, *weights, *adapters, counts,
                                        self.lora_scaling, dropout, row_ids)
 

@@ -155,8 +155,8 @@ class MoE(nn.Module):
         self.stats_reduce = None
         # Loads summed over the micro-batches of one optimizer step (balance.pop_step_loads):
         # the aux-free bias update and the global-batch load metrics.
-        self.register_buffer("step_tokens_per_expert", torch.zeros(cfg.num_experts),
-                             persistent=False)
+        self.register_buffer("step_tokens_per_expert",  # fp32 whatever the default dtype
+                             torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.last_stats: dict[str, torch.Tensor] = {}
         # True while activation checkpointing re-runs this forward inside backward: the
         # tokens of that micro-batch were already counted by the first forward.

@@ -106,7 +106,9 @@ def apply_keeping_fp32(module: nn.Module, fn, recurse: bool, buffers: tuple[str,
     for name, old in before.items():
         new = module._buffers[name]
         if new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
-            module._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+            module._buffers[name] = (  # meta (to_empty of a meta-built model): no values yet
+                torch.empty(new.shape, device=new.device, dtype=torch.float32)
+                if old.is_meta else old.to(device=new.device, dtype=torch.float32))
     return module
 
 
@@ -119,7 +121,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, dim))
         if cfg.router == "sigmoid":
             # A buffer, not a parameter: only the aux-loss-free updater changes it.
-            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts,
+                                                            dtype=torch.float32))
         if cfg.freeze_router:
             self.weight.requires_grad_(False)
 

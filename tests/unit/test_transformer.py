@@ -98,3 +98,29 @@ def test_rotary_tables_keep_their_precision_through_dtype_casts():
     assert (model.rope_cos - exact).abs().max() < 1e-15
     model.to(torch.bfloat16).to(torch.float32)
     assert torch.equal(model.rope_cos, fp32)
+
+
+def test_a_bf16_default_dtype_model_builds_from_meta_with_fp32_counts():
+    """Under torch.set_default_dtype(bf16) the load counts and the aux-free bias are still
+    fp32 (bf16 counts 257 tokens as 256), and the trainer's meta build materialises."""
+    from moetrain.config import ParallelConfig
+    from moetrain.parallel import parallelize
+    cfg = tiny_deepseek()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        direct = Transformer(cfg)
+        direct.init_weights(0)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        parallelize(model, None, ParallelConfig(), seed=0)
+    finally:
+        torch.set_default_dtype(previous)
+    for built in (direct, model):
+        moe = built.moe_layers()[0]
+        assert moe.step_tokens_per_expert.dtype == moe.router.expert_bias.dtype == torch.float32
+        assert moe.router.weight.dtype == torch.bfloat16
+        moe.step_tokens_per_expert += 257.0
+        assert moe.step_tokens_per_expert[0].item() == 257.0
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(),
+                                                model.state_dict().values()))
