@@ -118,16 +118,24 @@ def _warn(message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, named: bool = True) -> None:
     """Check every file of the manifest (size, then SHA-256) before anything is loaded.
     Collective under a process group: each rank hashes its share of the files and every rank
-    reaches the same verdict. Raises CheckpointInvalid naming the first bad file."""
+    reaches the same verdict. Raises CheckpointInvalid naming the first bad file.
+
+    A checkpoint without a manifest (written before moetrain kept checksums, or one that has
+    lost it) cannot be verified: it loads, with a warning, only when `named` explicitly;
+    picked by resume=auto it is passed over like a damaged one."""
     path = Path(path)
     rank, world = _rank_world()
     problem, legacy = None, False
     try:
         files = read_manifest(path)
-        if files is None:
+        if files is None and not named:
+            problem = (f"it has no {MANIFEST} (deleted, or written before moetrain kept "
+                       "checksums), so it cannot be verified; name this directory itself to "
+                       "load it unverified")
+        elif files is None:
             legacy = True
         else:
             problem = check_files(path, files, share(list(files), rank, world))
@@ -159,7 +167,7 @@ def resolve_resume(resume: str | None, run_dir: Path, field: str = "resume") -> 
     first_error = None
     for path in reversed(candidates):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, named=False)
             return path
         except CheckpointInvalid as error:
             first_error = first_error or error

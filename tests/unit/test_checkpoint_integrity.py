@@ -213,3 +213,21 @@ def test_a_path_that_is_no_checkpoint_names_what_its_field_takes(tmp_path, field
         checked_path(tmp_path, field)
     assert str(err.value).startswith(f"{field}='{tmp_path}' is not a complete checkpoint")
     assert str(err.value).endswith(valid)
+
+
+def test_a_checkpoint_that_lost_its_manifest_is_never_picked_unverified(run_copy, capsys):
+    """Deleting manifest.json (or a prune killed midway) must not switch the checksums off:
+    resume=auto passes over it to the newest verified checkpoint; named, it loads with a
+    warning, as one written before manifests."""
+    run_dir, _ = run_copy
+    checkpoint = run_dir / "checkpoints" / "step_00000004"
+    (checkpoint / MANIFEST).unlink()
+    bad = shard(checkpoint)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    bad.write_bytes(bytes(data))
+    assert resolve_resume("auto", run_dir) == run_dir / "checkpoints" / "step_00000002"
+    assert "has no manifest.json (deleted, or written before" in capsys.readouterr().err
+    assert find_checkpoint(run_dir) == run_dir / "checkpoints" / "step_00000002"
+    assert resolve_resume(str(checkpoint), run_dir) == checkpoint
+    assert "loading it unverified" in capsys.readouterr().err
