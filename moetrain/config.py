@@ -505,7 +505,8 @@ class CheckpointConfig:
     every: int = 0  # save every N optimizer steps; 0: only at the end
     keep_last: int = 3  # complete checkpoints kept; 0 keeps all
     at_end: bool = True
-    # SIGTERM/SIGINT stop the run at the next step boundary; this writes a checkpoint there
+    # SIGTERM/SIGINT/SIGUSR1 stop the run at the next step boundary; this writes a checkpoint
+    # there
     on_preempt: bool = True
 
     def validate(self) -> None:

@@ -7,8 +7,9 @@ It is torchrun (same options, same elastic agent) with three differences a user 
   - when ranks fail, it prints the one line the failing rank recorded (the lowest such rank)
     and exits with that rank's code (2 for a config/data error, 3 for a stopped run), instead
     of torchrun's ChildFailedError report;
-  - SIGTERM/SIGINT reach the ranks, which stop at a step boundary and save (moetrain.train's
-    preemption); the launcher waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 300 s,
+  - SIGTERM/SIGINT/SIGUSR1 reach the ranks, which stop at a step boundary and save
+    (moetrain.train's preemption; torchrun alone would die of a SIGUSR1 and leave its ranks
+    training, unsupervised); the launcher waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 300 s,
     torchrun's own is 30) for that checkpoint, then exits 128 + the signal number, quietly.
 """
 
@@ -19,7 +20,8 @@ import os
 import sys
 
 ENTRY = "moetrain.train"
-STOP_CODES = (130, 143)  # 128 + SIGINT, 128 + SIGTERM: a rank stopped cleanly on a signal
+# 128 + SIGTERM, SIGINT, SIGUSR1 (143, 130, 138): a rank stopped cleanly on a signal
+STOP_CODES = tuple(128 + s for s in (15, 2, 10))
 AGENT_SIGNALS = (15, 9)  # how torchrun's agent stops the other ranks once one has failed
 
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # torchrun's default list (TERM, INT, HUP, QUIT) plus USR1, which the ranks stop on
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.module and args.training_script == ENTRY:
         from moetrain.train.cli import preflight

@@ -3,7 +3,7 @@
   setup.py       config checks, ranks, run directory, the model built for this rank
   loop.py        the Trainer: one step, validation, the loop, logging and checkpoint cadence
   throughput.py  tokens/s and MFU
-  preemption.py  clean stops on SIGTERM/SIGINT
+  preemption.py  clean stops on SIGTERM/SIGINT/SIGUSR1
   cli.py         the Hydra entry point and the checks a launcher runs before any rank starts
 The loss is moetrain.loss, checkpoints moetrain.checkpoint, logging moetrain.loggers.
 """

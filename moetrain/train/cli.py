@@ -3,8 +3,8 @@
 Thin on purpose: Hydra composes configs/ over the typed schema in moetrain.config; the
 Trainer does the rest. A bad config, an unknown key (even one added with `+`) or bad data ends
 the run with one line and exit code 2 before any collective; under torchrun the line goes to
-the launcher (moetrain.launcher prints it once). A stop on SIGTERM/SIGINT prints one line on
-rank 0 and exits 128 + the signal number.
+the launcher (moetrain.launcher prints it once). A stop on SIGTERM/SIGINT/SIGUSR1 prints one
+line on rank 0 and exits 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def preflight(overrides: list[str], world: int | None) -> RunConfig:
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dict_cfg: DictConfig) -> None:
     from moetrain.train.loop import Trainer, TrainingStopped
-    from moetrain.train.preemption import Preempted
+    from moetrain.train.preemption import STOP, Preempted
     from moetrain.train.setup import apply_init_from_hf, dry_run, world_size_from_env
+    STOP.signum = None  # a sweep's next job: the last one's signal is not this one's
     try:
         from hydra.core.hydra_config import HydraConfig
         check_experiment(HydraConfig.get().runtime.choices.get("experiment"))
@@ -156,6 +157,23 @@ def main(dict_cfg: DictConfig) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"moetrain: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.code)
+    except Exception:
+        exit_if_stopping()
+        raise
+
+
+def exit_if_stopping() -> None:
+    """For an error after a stop signal: a signal reaches the ranks at slightly different
+    moments, and one still starting up leaves at once (nothing to save), so another, already
+    in a collective with it, fails there. That failure is the stop, not a crash: exit as a
+    stop without a checkpoint, quietly."""
+    from moetrain.train.preemption import STOP
+    if not STOP.requested:
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"moetrain: stopped by {STOP.name} while another rank was leaving; no "
+              "checkpoint written", file=sys.stderr, flush=True)
+    sys.exit(128 + STOP.signum)
 
 
 def fail(line: str, code: int) -> None:

@@ -29,7 +29,7 @@ from moetrain.model.lora import trainable_state_names
 from moetrain.monitor import CollapseDetector, expert_load_record
 from moetrain.optim import build_optimizer
 from moetrain.parallel import accumulating, all_reduce_sum, clip_grad_norm_, finalize_grads
-from moetrain.train.preemption import STOP, Preempted
+from moetrain.train.preemption import SIGNALS, STOP, Preempted
 from moetrain.train.setup import (apply_init_from_hf, build_model, check_new_run_dir,
                                   check_same_lora_base, check_same_tokenizer, choose_run_dir,
                                   describe, join_ranks, record_absolute_paths,
@@ -163,7 +163,7 @@ class Trainer:
         # A stop signal on any rank rides on the step's one all-reduce: every rank learns of
         # it after the same step.
         signum = self.signals.signum
-        flags = [float(signum == s) for s in (signal.SIGTERM, signal.SIGINT)]
+        flags = [float(signum == s) for s in SIGNALS]
         losses = torch.tensor([0.0, 0.0, *flags], device=self.device)
         losses[0], losses[1] = ce_sum, aux_sum
         if self.reduce is not None:
@@ -171,7 +171,7 @@ class Trainer:
             losses[:2] /= self.world
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm_(self.model, max_norm)
-        ce_value, aux_value, sigterm, sigint = losses.tolist()  # one sync per step
+        ce_value, aux_value, *flagged = losses.tolist()  # one sync per step
         lap("grad sync and clip")
         loads = pop_step_loads(self.moe_layers, self.reduce) if self.moe_layers else None
         lap("balance")
@@ -196,8 +196,7 @@ class Trainer:
             self._warn(message + "; step skipped (train.on_nonfinite=skip)")
         return {"ce_loss": ce_value, "aux_loss": aux_value, "loss": ce_value + aux_value,
                 "grad_norm": grad_norm.item(), "loads": loads, "skipped": not finite,
-                "stop_signal": (signal.SIGTERM if sigterm else signal.SIGINT if sigint
-                                else None)}
+                "stop_signal": next((s for s, f in zip(SIGNALS, flagged) if f), None)}
 
     def _validation_plan(self) -> tuple[int, int, int]:
         """(blocks per rank, batch size, batches) of a validation pass."""
@@ -253,7 +252,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train to train.steps (or exit_at_step); returns the last step's summary. Raises
-        Preempted after a SIGTERM/SIGINT, once the stop checkpoint is written."""
+        Preempted after a SIGTERM/SIGINT/SIGUSR1, once the stop checkpoint is written."""
         from omegaconf import OmegaConf
         cfg = self.cfg
         resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,12 +1,13 @@
-"""Clean stops on SIGTERM (what Slurm and Kubernetes send before a kill) and SIGINT.
+"""Clean stops on SIGTERM (what Slurm and Kubernetes send before a kill), SIGINT and SIGUSR1
+(what `sbatch --signal=USR1@N` and Lightning's Slurm jobs send).
 
 While the loop runs, a signal only raises a flag; the loop folds it into the step's one
 all-reduce, so every rank sees the same flag after the same step, writes the same checkpoint
 and exits with the same code. Before the loop starts (start-up, loading) there is nothing to
 save: the process exits at once, quietly. The exit code is 128 + the signal's number (130 for
-SIGINT, 143 for SIGTERM), what a shell reports for a process the signal killed, so a
-scheduler's requeue rule for preempted jobs applies unchanged (launch/slurm.sbatch requeues
-on 143).
+SIGINT, 143 for SIGTERM, 138 for SIGUSR1), what a shell reports for a process the signal
+killed, so a scheduler's requeue rule for preempted jobs applies unchanged (launch/slurm.sbatch
+requeues on 143 and 138).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import signal
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Preempted(Exception):

@@ -128,12 +128,15 @@ def test_sigterm_stops_cleanly_and_resume_continues_the_uninterrupted_run(tmp_pa
         assert got[s] == pytest.approx(expected[s], rel=1e-6), f"step {s}"
 
 
-def test_sigint_stops_every_rank_with_a_checkpoint_and_exit_130(tmp_path):
-    code, _, err = start_and_signal(tmp_path / "run", signal.SIGINT, at_least_step=2)
-    assert code == 130, err
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
+def test_sigint_and_sigusr1_stop_every_rank_with_a_checkpoint(tmp_path, signum):
+    """SIGUSR1 (sbatch --signal=USR1@N) too: torchrun alone dies of it, leaving its ranks
+    training with nobody watching."""
+    code, _, err = start_and_signal(tmp_path / "run", signum, at_least_step=2)
+    assert code == 128 + signum, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     stops = [line for line in lines(err) if line.startswith("moetrain:")]
-    assert len(stops) == 1 and "stopped by SIGINT" in stops[0], err
+    assert len(stops) == 1 and f"stopped by {signal.Signals(signum).name}" in stops[0], err
     assert list((tmp_path / "run" / "checkpoints").glob("step_*/manifest.json"))
 
 
@@ -143,6 +146,8 @@ def test_sigint_stops_every_rank_with_a_checkpoint_and_exit_130(tmp_path):
     ({0: -15, 1: -15}, 1, "rank 0 failed (killed by signal 15)"),  # never 143: no checkpoint
     ({0: 143, 1: -9}, 137, "rank 1 failed (killed by signal 9)"),
     ({0: 143, 1: 143}, 143, None),  # every rank stopped cleanly on SIGTERM
+    ({0: 138, 1: 138}, 138, None),  # on SIGUSR1
+    ({0: -10, 1: -15}, 1, "rank 0 failed (killed by signal 10)"),
 ])
 def test_the_launcher_names_the_rank_that_failed_and_never_a_stop_code(codes, expected_code,
                                                                        named, capsys):
