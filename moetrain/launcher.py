@@ -9,8 +9,9 @@ It is torchrun (same options, same elastic agent) with three differences a user 
     of torchrun's ChildFailedError report;
   - SIGTERM/SIGINT/SIGUSR1 reach the ranks, which stop at a step boundary and save
     (moetrain.train's preemption; torchrun alone would die of a SIGUSR1 and leave its ranks
-    training, unsupervised); the launcher waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 300 s,
-    torchrun's own is 30) for that checkpoint, then exits 128 + the signal number, quietly.
+    training, unsupervised); the launcher waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default
+    here 300 s, torchrun's own is 30) for that checkpoint, then exits 128 + the signal number,
+    quietly.
 """
 
 from __future__ import annotations
