@@ -276,35 +276,59 @@ def check_same_corpus(saved: dict, now: dict) -> None:
 
 
 class StreamingBlocks:
-    """Stream documents (datasets' split_dataset_by_node gives each rank its own share),
-    pack on the fly. State = blocks consumed; resuming skips that many.
+    """Stream documents (datasets' split_dataset_by_node gives each rank its own share), pack
+    on the fly, each pass over the share an epoch.
 
-    The first block is read when this is built, so data that yields none on this rank, or
-    cannot be read at all, fails before the run starts."""
+    The state is where the stream stands: datasets' own position (`IterableDataset.state_dict`,
+    just after the document being packed), that document's tokens not yet handed out, the epoch
+    and the blocks consumed. Resuming seeks there, as torchtitan's loaders do, instead of
+    reading and tokenizing everything before it again (hours per billion tokens). The first
+    block is read when this is built, so data that yields none on this rank, or cannot be read
+    at all, fails before the run starts."""
 
     def __init__(self, ds, cfg: DataConfig, tokenizer, batch_size: int, rank: int, world: int):
-        from datasets.distributed import split_dataset_by_node
-        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world)
-        self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.source, self.cfg, self.tokenizer, self.batch_size = ds, cfg, tokenizer, batch_size
         self.rank, self.world = rank, world
         self.consumed, self.epoch = 0, 0
+        self.ds = None  # this pass's share of the stream, once reading starts
+        self._buffer, self._start = [], 0  # tokens read; those before _start handed out
+        self._resume = None  # (stream position, tokens) the next pass starts from
         self._iter = self._blocks()
         with _read_errors(cfg, "train"):
-            first = next(self._iter)
-        self._iter = itertools.chain([first], self._iter)
+            if next(packed_stream(self._share(), cfg.column, tokenizer, cfg.seq_len + 1),
+                    None) is None:
+                raise self._no_block()
+
+    def _share(self):
+        from datasets.distributed import split_dataset_by_node
+        return split_dataset_by_node(self.source, rank=self.rank, world_size=self.world)
+
+    def _no_block(self) -> ValueError:
+        field, path = source_name(self.cfg, "train")
+        return ValueError(f"{field}={path!r} yields no block of {self.cfg.seq_len + 1} tokens "
+                          f"(data.seq_len {self.cfg.seq_len} + 1) on rank {self.rank} of "
+                          f"{self.world}")
 
     def _blocks(self):
         block = self.cfg.seq_len + 1
         while True:
-            produced = 0
-            for produced, row in enumerate(packed_stream(self.ds, self.cfg.column,
-                                                         self.tokenizer, block), 1):
-                yield row
-            if produced == 0:
-                field, path = source_name(self.cfg, "train")
-                raise ValueError(f"{field}={path!r} yields no block of {block} tokens "
-                                 f"(data.seq_len {self.cfg.seq_len} + 1) on rank {self.rank} "
-                                 f"of {self.world}")
+            self.ds, produced = self._share(), 0
+            resumed, self._resume = self._resume, None
+            self._buffer, self._start = ([], 0) if resumed is None else (resumed[1], 0)
+            if resumed is not None:
+                self.ds.load_state_dict(resumed[0])
+            for example in self.ds:
+                self._buffer.extend(self.tokenizer.encode(example[self.cfg.column] or ""))
+                self._buffer.append(self.tokenizer.eos_id)
+                while len(self._buffer) - self._start >= block:
+                    row = self._buffer[self._start:self._start + block]
+                    self._start += block
+                    produced += 1
+                    yield torch.tensor(row, dtype=torch.long)
+                del self._buffer[:self._start]  # once per document: linear in its length
+                self._start = 0
+            if produced == 0 and resumed is None:
+                raise self._no_block()
             self.epoch += 1
 
     def next_batch(self) -> torch.Tensor:
@@ -314,8 +338,10 @@ class StreamingBlocks:
         return torch.stack(rows)
 
     def state_dict(self) -> dict:
+        stream = None if self.ds is None else self.ds.state_dict()
         return {"consumed": self.consumed, "world": self.world,
-                "block_len": self.cfg.seq_len + 1}
+                "block_len": self.cfg.seq_len + 1, "epoch": self.epoch, "stream": stream,
+                "tokens": torch.tensor(self._buffer[self._start:], dtype=torch.long)}
 
     def load_state_dict(self, state: dict) -> None:
         check_same_corpus(state, {"block_len": self.cfg.seq_len + 1})
@@ -323,10 +349,14 @@ class StreamingBlocks:
         if saved != self.world:  # each rank's share of the stream depends on the world size
             raise ValueError(f"the checkpoint streamed its data on {saved} ranks, this run "
                              f"has {self.world}; streaming data resumes on {saved} ranks only")
+        self.epoch = state.get("epoch", 0)
+        self._resume = (None if state.get("stream") is None
+                        else (state["stream"], state["tokens"].tolist()))
         self._iter, self.consumed = self._blocks(), 0
-        with _read_errors(self.cfg, "train"):
-            for _ in range(state["consumed"]):
-                next(self._iter)
+        if "stream" not in state:  # a checkpoint from before stream positions: read up to it
+            with _read_errors(self.cfg, "train"):
+                for _ in range(state["consumed"]):
+                    next(self._iter)
         self.consumed = state["consumed"]
 
 

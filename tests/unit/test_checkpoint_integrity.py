@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from moetrain.checkpoint import find_checkpoint, load_model, load_model_weights, resolve_resume
-from moetrain.config import MoEConfig
+from moetrain.config import DataConfig, MoEConfig
 from moetrain.integrity import MANIFEST, CheckpointInvalid
 from moetrain.train import Trainer
 from tests.unit.test_trainer import tiny_run
@@ -231,3 +231,27 @@ def test_a_checkpoint_that_lost_its_manifest_is_never_picked_unverified(run_copy
     assert find_checkpoint(run_dir) == run_dir / "checkpoints" / "step_00000002"
     assert resolve_resume(str(checkpoint), run_dir) == checkpoint
     assert "loading it unverified" in capsys.readouterr().err
+
+
+def test_a_streamed_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one(tmp_path):
+    """The stream's position (datasets' state, the tokens not yet handed out) goes through a
+    real checkpoint: saved with the rank's extras, loaded with weights_only."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} " + "word " * (i % 11) + "\n" for i in range(300)))
+
+    def run(name, steps, **extra):
+        cfg = tiny_run(tmp_path / name, MOE, steps=steps)
+        cfg.data = DataConfig(source="text", path=str(corpus), streaming=True, seq_len=32)
+        cfg.train.log_every = 1
+        cfg.checkpoint.every = 3
+        for key, value in extra.items():
+            setattr(cfg, key, value)
+        Trainer(cfg).fit()
+        return Path(cfg.run_dir)
+
+    straight = losses(run("straight", 8))
+    run("stopped", 3)
+    resumed = losses(run("stopped", 8, resume="auto"))
+    assert set(resumed) == set(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step

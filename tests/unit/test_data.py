@@ -6,6 +6,7 @@ import torch
 from moetrain.config import DataConfig
 from moetrain.data.loader import ShardedBlocks, build_data, pack
 from moetrain.data.synthetic import DOMAINS, generate
+from moetrain.data.tokenizer import ByteTokenizer
 
 
 def test_synthetic_corpus_is_deterministic_and_mixes_domains():
@@ -261,3 +262,40 @@ def test_local_tokenizers_json_is_used_for_packing(tmp_path):
     assert batch.max() > 255  # real BPE merges, not bytes
     with pytest.raises(ValueError, match="model.vocab_size=256 is smaller"):
         build_data(cfg, 2, 0, 1, vocab_size=256)
+
+
+def test_a_stream_resumes_at_its_position_without_reading_it_again(tmp_path):
+    """Long documents (a block's tokens span documents and a document spans blocks), two
+    ranks, an epoch boundary: resuming from the state equals reading on, and reads only the
+    documents it still needs (datasets seeks), not the whole way from the start."""
+    for f in range(3):
+        (tmp_path / f"{f}.jsonl").write_text("".join(
+            json.dumps({"text": f"file {f} doc {i} " + "word " * (i % 7 * 2)}) + "\n"
+            for i in range(40)))
+    cfg = DataConfig(source="json", path=str(tmp_path / "*.jsonl"), streaming=True, seq_len=24)
+
+    class Counting(ByteTokenizer):
+        calls = 0
+
+        def encode(self, text):
+            Counting.calls += 1
+            return super().encode(text)
+
+    for rank in (0, 1):
+        first, _ = build_data(cfg, 3, rank, 2, 256)
+        first.tokenizer = Counting()
+        straight = [first.next_batch() for _ in range(40)]  # past the end of the share
+        assert first.epoch >= 1
+        for stop in (5, 33):
+            run, _ = build_data(cfg, 3, rank, 2, 256)
+            run.tokenizer = Counting()
+            for _ in range(stop):
+                run.next_batch()
+            resumed, _ = build_data(cfg, 3, rank, 2, 256)
+            resumed.tokenizer = Counting()
+            Counting.calls = 0
+            resumed.load_state_dict(run.state_dict())
+            for want in straight[stop:stop + 4]:
+                assert torch.equal(resumed.next_batch(), want)
+            assert Counting.calls < 12  # the documents of 4 batches, not of `stop` more
+            assert resumed.consumed == run.consumed + 12
