@@ -7,7 +7,12 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/launch/common.sh"
-: "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
+for var in NNODES NODE_RANK MASTER_ADDR; do
+    if [ -z "${!var:-}" ]; then
+        echo "multinode.sh: set $var (e.g. NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multinode.sh ...)" >&2
+        exit 2
+    fi
+done
 MASTER_PORT=${MASTER_PORT:-29500}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")

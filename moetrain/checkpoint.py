@@ -206,6 +206,9 @@ def find_checkpoint(path: str | Path, field: str = "checkpoint") -> Path:
     """A checkpoint directory as given, or the newest valid checkpoint of a run directory;
     verified either way (in this process alone, for the one-process tools)."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{field}={str(path)!r} does not exist; name a run directory or one "
+                         "of its checkpoints/step_XXXXXXXX")
     if path.is_dir() and is_checkpoint(path):
         verify_checkpoint(path)
         return path

@@ -265,18 +265,21 @@ class ParallelConfig:
                f"parallel.dp_replicate={self.dp_replicate} leaves one rank per shard group "
                f"(world size {world_size}): that is plain replication, use "
                "parallel.data_parallel=ddp")
+        # ep must divide both the ranks it shards over and the experts
+        valid = [d for d in _divisors(dp_shard) if num_experts is None or num_experts % d == 0]
         if self.dp_replicate == 1:
             _check(world_size % self.ep == 0,
                    f"parallel.ep={self.ep} does not divide the world size {world_size}; "
-                   f"valid: {_divisors(world_size)}")
+                   f"valid: {valid}")
         else:
             _check(dp_shard % self.ep == 0,
                    f"parallel.ep={self.ep} does not divide the {dp_shard} ranks of a shard "
                    f"group (world {world_size} / parallel.dp_replicate={self.dp_replicate}); "
-                   f"valid: {_divisors(dp_shard)}")
+                   f"valid: {valid}")
         if num_experts is not None:
             _check(num_experts % self.ep == 0,
-                   f"model.moe.num_experts={num_experts} is not divisible by parallel.ep={self.ep}")
+                   f"model.moe.num_experts={num_experts} is not divisible by parallel.ep="
+                   f"{self.ep}; valid: {valid}")
         elif self.ep > 1:
             raise ValueError(f"parallel.ep={self.ep} needs an MoE model (model.moe is null)")
         _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be > 0")

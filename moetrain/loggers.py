@@ -111,7 +111,8 @@ class RunLogger:
                   file=sys.stderr, flush=True)
             return
         if written:
-            print(f"plots: {written[0].parent}/ ({len(written)} files)", flush=True)
+            count = f"{len(written)} file{'s' if len(written) > 1 else ''}"
+            print(f"plots: {written[0].parent}/ ({count})", flush=True)
 
 
 def supersede_records_after(path: Path, step: int) -> None:

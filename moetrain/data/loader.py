@@ -28,7 +28,8 @@ def _local_files(path: str, field: str) -> list[str]:
     else:
         files = sorted(glob.glob(path))
     if not files:
-        raise ValueError(f"{field}={path!r} does not exist (no file matches)")
+        raise ValueError(f"{field}={path!r} is an empty directory" if os.path.isdir(path) else
+                         f"{field}={path!r} does not exist (no file matches)")
     folders = [f for f in files if os.path.isdir(f)]
     if folders:
         raise ValueError(f"{field}={path!r}: {folders[0]} is a directory, not a text file "
@@ -92,7 +93,13 @@ def load_texts(cfg: DataConfig, split: str):
         name = cfg.split if split == "train" else cfg.val_split
         if name is None:
             return None
-        ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=name, streaming=cfg.streaming)
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.hub_config, split=name,
+                                       streaming=cfg.streaming)
+        except Exception as error:  # no network, no such dataset, config or split
+            reason = (str(error).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"data.path={cfg.path!r} (data.source='hub', split {name!r}) "
+                             f"could not be loaded: {type(error).__name__}: {reason}") from None
     else:
         path, field = (cfg.path, "data.path") if split == "train" else (cfg.val_path,
                                                                        "data.val_path")

@@ -255,6 +255,11 @@ class Trainer:
         Preempted after a SIGTERM/SIGINT/SIGUSR1, once the stop checkpoint is written."""
         from omegaconf import OmegaConf
         cfg = self.cfg
+        if self.step == cfg.train.steps and self.resumed_from is not None:
+            if self.rank == 0:  # nothing to log, plot or save: the run's files stay as they are
+                print(f"{self.run_dir}: the run is finished (step {self.step} of train.steps="
+                      f"{cfg.train.steps}); raise train.steps to train on", flush=True)
+            return {"step": self.step}
         resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(resolved)

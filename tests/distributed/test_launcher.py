@@ -198,3 +198,7 @@ def test_launch_script_reads_relative_paths_from_where_it_is_started(tmp_path):
     bad = subprocess.run([str(REPO / "launch/torchrun.sh")], cwd=tmp_path,
                          env={**ENV, "NPROC": "0"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr == "torchrun.sh: NPROC=0 must be an integer >= 1\n"
+    unset = subprocess.run([str(REPO / "launch/multinode.sh")], cwd=tmp_path,
+                           env={k: v for k, v in ENV.items() if k != "NNODES"},
+                           capture_output=True, text=True, timeout=60)
+    assert unset.returncode == 2 and unset.stderr.startswith("multinode.sh: set NNODES (e.g.")

@@ -72,6 +72,11 @@ PARALLEL_INVALID = [
     (dict(dp_replicate=2, ep=3), 8, "parallel.ep=3 does not divide the 4 ranks of a shard "
                                     "group (world 8 / parallel.dp_replicate=2); valid: [1, 2, 4]"),
     (dict(ep=0), 4, "parallel.ep=0 must be >= 1"),
+    # valid values divide the ranks and the 8 experts
+    (dict(ep=2), 3, "parallel.ep=2 does not divide the world size 3; valid: [1]"),
+    (dict(ep=3), 3, "model.moe.num_experts=8 is not divisible by parallel.ep=3; valid: [1]"),
+    (dict(ep=3), 12, "model.moe.num_experts=8 is not divisible by parallel.ep=3; valid: "
+                     "[1, 2, 4]"),
 ]
 
 

@@ -117,6 +117,7 @@ def test_streaming_local_json_shards_and_resumes(tmp_path):
 @pytest.mark.parametrize("make,message", [
     (lambda d: DataConfig(source="text", path=str(d / "missing.txt")), "does not exist"),
     (lambda d: DataConfig(source="text", path=str(d / "empty.txt")), "is empty"),
+    (lambda d: DataConfig(source="text", path=str(d / "nothing")), "nothing' is an empty dir"),
     (lambda d: DataConfig(source="json", path=str(d / "rows.jsonl"), column="body"),
      "data.column='body' is not a column"),
     (lambda d: DataConfig(source="text", path=str(d / "tiny.txt"), seq_len=64),
@@ -158,6 +159,7 @@ def test_bad_data_fails_clearly_before_training(tmp_path, make, message):
     (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
                                                   for t in ["a", 12345, "b"]))
     (tmp_path / "emptyarr.json").write_text("[]")
+    (tmp_path / "nothing").mkdir()
     (tmp_path / "good.jsonl").write_text(json.dumps({"body": "some words " * 20}) + "\n")
     (tmp_path / "good.txt").write_text("some words here\n" * 20)
     (tmp_path / "truncated.parquet").write_bytes(b"PAR1\xff\x15\x00\x15\x1c")
@@ -299,3 +301,18 @@ def test_a_stream_resumes_at_its_position_without_reading_it_again(tmp_path):
                 assert torch.equal(resumed.next_batch(), want)
             assert Counting.calls < 12  # the documents of 4 batches, not of `stop` more
             assert resumed.consumed == run.consumed + 12
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/corpus' on the Hub (LocalEntryNotFoundError)"
+                              "\nTraceback continues...")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError) as error:
+        build_data(DataConfig(source="hub", path="org/corpus"), 2, 0, 1, 256)
+    assert str(error.value) == ("data.path='org/corpus' (data.source='hub', split 'train') could "
+                                "not be loaded: ConnectionError: Couldn't reach 'org/corpus' on "
+                                "the Hub (LocalEntryNotFoundError)")

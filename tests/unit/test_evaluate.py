@@ -205,14 +205,15 @@ def bpe_300(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (lambda run, tmp: [str(tmp / "nope")], "is neither a checkpoint directory"),
+    (lambda run, tmp: [str(tmp / "nope")], "nope' does not exist; name a run directory"),
+    (lambda run, tmp: [str(tmp)], "is neither a checkpoint directory"),
     (lambda run, tmp: [run, "--data", str(tmp / "missing.txt")], "no such file"),
     (lambda run, tmp: [run, "--seq-len", "64"], "seq_len 64 exceeds the model's max_seq_len 32"),
     (lambda run, tmp: [run, "--tokenizer", str(tmp)],
      "the model's vocab_size 256 is smaller than the tokenizer's 300 tokens"),
     (lambda run, tmp: [run, "--ep", "2"], "--ep 2 needs 2 or more ranks"),
     (lambda run, tmp: [run, "--json", str(tmp / "no" / "dir.json")], "does not exist"),
-], ids=["bad-path", "missing-data", "seq-len", "vocab", "ep", "json-dir"])
+], ids=["bad-path", "not-a-run", "missing-data", "seq-len", "vocab", "ep", "json-dir"])
 def test_bad_input_is_one_line_and_exit_code_2(trained, bpe_300, capsys, args, message):
     assert main(args(str(trained[0]), bpe_300)) == 2
     out, err = capsys.readouterr()

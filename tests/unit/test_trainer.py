@@ -500,3 +500,17 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, 
     assert [p.name for p in made] == ["quick-20260102-030405", "quick-20260102-030405-2",
                                       "quick-20260102-030405-3"]
     assert all(p.is_dir() for p in made)
+
+
+def test_resuming_a_finished_run_says_so_and_leaves_its_files_alone(tmp_path, capsys):
+    cfg = tiny_run(tmp_path, steps=2)
+    Trainer(cfg).fit()
+    run_dir = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    cfg.resume = "auto"
+    assert Trainer(cfg).fit() == {"step": 2}
+    assert capsys.readouterr().out.endswith(
+        f"{run_dir}: the run is finished (step 2 of train.steps=2); raise train.steps to train "
+        "on\n")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
