@@ -27,8 +27,9 @@ def build_layout(rank, world_size, ep, num_experts):
 
 
 @pytest.mark.parametrize("ep,num_experts,message", [
-    (3, 6, "parallel.ep=3 does not divide the world size 4; valid: [1, 2, 4]"),
-    (4, 6, "model.moe.num_experts=6 is not divisible by parallel.ep=4"),
+    # valid values divide both the world size and the experts
+    (3, 6, "parallel.ep=3 does not divide the world size 4; valid: [1, 2]"),
+    (4, 6, "model.moe.num_experts=6 is not divisible by parallel.ep=4; valid: [1, 2]"),
 ])
 def test_bad_layout_fails_on_every_rank(ep, num_experts, message):
     messages = run_distributed(build_layout, 4, ep, num_experts)
