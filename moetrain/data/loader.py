@@ -64,7 +64,7 @@ def _unreadable(files: list[str], field: str, path: str, source: str, error: Exc
             f"({type(cause).__name__}: {reason[:200]})")
 
 
-def source_name(cfg: DataConfig, split: str) -> tuple[str, str]:
+def source_name(cfg: DataConfig, split: str) -> tuple[str, object]:
     """(the setting that names this split's data, its value), for error messages."""
     if cfg.source == "synthetic":
         return ("data.synthetic_docs", cfg.synthetic_docs) if split == "train" else (
