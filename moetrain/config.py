@@ -39,7 +39,8 @@ class BalanceConfig:
     # micro_batch: f_i from this micro-batch's tokens on this rank; global_batch: f_i from the
     # optimizer step's micro-batches so far, summed over all ranks (Megatron's global aux
     # loss: a running count under gradient accumulation, which balance.pop_step_loads resets
-    # each step; the reduce is installed by moetrain.parallel).
+    # each step; the reduce is installed by moetrain.parallel). A capacity_factor's capacity
+    # stays per rank's micro-batch either way, as Megatron's.
     aux_loss_stats: str = "micro_batch"
     # Which selections f_i counts in the sequence-wise loss: `routed`, the experts each token
     # is actually sent to (selected with the aux-free bias and within the kept groups);
