@@ -228,7 +228,7 @@ def eval_data_config(base: DataConfig, data: str | None = None, source: str | No
     elif source is not None and source != base.source:
         if source != "synthetic":
             raise ValueError(f"--source {source} needs --data PATH")
-        cfg.source = source
+        cfg.source, cfg.path, cfg.val_path = source, None, None  # it generates its text
         cfg.streaming = False
     elif split is not None:
         cfg.val_split = split

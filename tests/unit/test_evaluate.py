@@ -239,3 +239,13 @@ def test_command_line_prints_a_table_and_writes_the_numbers(trained, tmp_path, c
     assert all(sum(c) == report["tokens"] * 2 for c in report["tokens_per_expert"])
     assert f"{report['loss']:.4f} nats/token" in out and "maxvio" in out
     assert out.count("\n    1 ") == 1 and out.count("\n    2 ") == 1  # one row per MoE layer
+
+
+def test_the_generated_corpus_evaluates_a_run_trained_on_files(tmp_path):
+    """--source synthetic on a run whose data came from files: the file paths are dropped,
+    not carried into a source that reads none."""
+    from moetrain.evaluate import eval_data_config
+    base = DataConfig(source="text", path=str(tmp_path / "train.txt"),
+                      val_path=str(tmp_path / "val.txt"), seq_len=16)
+    cfg = eval_data_config(base, source="synthetic")
+    assert (cfg.source, cfg.path, cfg.val_path) == ("synthetic", None, None)
