@@ -426,6 +426,17 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+# The data errors name the trainer's settings; here the user typed these flags
+FLAGS = {"data.val_path=": "--data ", "data.column=": "--column ", "data.tokenizer=":
+         "--tokenizer ", "data.seq_len=": "--seq-len ", "data.source=": "--source "}
+
+
+def as_flags(message: str) -> str:
+    for setting, flag in FLAGS.items():
+        message = message.replace(setting, flag)
+    return message
+
+
 def main(argv=None) -> int:
     """The command line: 0, or 2 with one line on stderr for bad input (on every rank)."""
     args = parse_args(argv)
@@ -433,7 +444,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except ValueError as error:
-        print(f"moetrain.evaluate: error: {error}", file=sys.stderr, flush=True)
+        print(f"moetrain.evaluate: error: {as_flags(str(error))}", file=sys.stderr, flush=True)
         return 2
     finally:
         # While the interpreter is whole: gloo's threads can abort its teardown

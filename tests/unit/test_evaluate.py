@@ -249,3 +249,12 @@ def test_the_generated_corpus_evaluates_a_run_trained_on_files(tmp_path):
                       val_path=str(tmp_path / "val.txt"), seq_len=16)
     cfg = eval_data_config(base, source="synthetic")
     assert (cfg.source, cfg.path, cfg.val_path) == ("synthetic", None, None)
+
+
+def test_data_errors_name_the_flags_typed(trained, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "some text"}\n')
+    assert main([str(trained[0]), "--data", str(rows)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"moetrain.evaluate: error: --column 'text' is not a column of --data "
+                   f"{str(rows)!r}; columns: ['body']\n")
