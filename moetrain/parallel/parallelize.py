@@ -126,6 +126,10 @@ def apply_ddp(model: Transformer, mesh: ParallelMesh) -> nn.Module:
     """DDP over all ranks for every parameter except the expert DTensors, whose shards differ
     across ep ranks (finalize_grads averages them over their replicas)."""
     sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if not any(p.requires_grad for p in model.parameters() if not isinstance(p, DTensor)):
+        # Only expert parameters train (LoRA on the experts alone): DDP would have nothing
+        # to reduce, and refuses a module without a trainable parameter of its own.
+        return model
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded)
     # broadcast_buffers=False: step_tokens_per_expert is per-rank until pop_step_loads
     # reduces it; expert_bias is kept identical by that same reduction.

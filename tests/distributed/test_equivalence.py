@@ -42,7 +42,8 @@ CASES = {
            Case("mixtral", None, ep=2, dtype="fp64"),
            Case("mixtral_tied", None, ep=2), Case("mixtral_tied", None, data_parallel="ddp"),
            Case("deepseek", None, ep=2, lora=True),
-           Case("mixtral", 1.0, ep=2, data_parallel="ddp", lora=True)]),
+           Case("mixtral", 1.0, ep=2, data_parallel="ddp", lora=True),
+           Case("deepseek", None, ep=2, data_parallel="ddp", lora="experts")]),
     4: (_all_families(ep=4) + _all_families(ep=2)
         + [Case(name, cf, ep=ep, data_parallel="ddp") for name, cf in FAMILIES[:3]
            for ep in (2, 4)]
@@ -66,7 +67,7 @@ TOLERANCE = {"fp32": 1e-5, "fp64": 1e-10}
 def reference(name, capacity_factor, micro_batches, dtype, lora=False, world=1):
     return reference_run(family(name, capacity_factor), micro_batches,
                          dtype=Case(name, dtype=dtype).torch_dtype,
-                         lora=lora_config(name) if lora else None, world=world)
+                         lora=lora_config(name, lora) if lora else None, world=world)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +84,8 @@ def case_id(world_size: int, case: Case) -> str:
                                       ("defer-sync", case.defer_sync),
                                       (f"hsdp{case.dp_replicate}", case.dp_replicate > 1),
                                       ("fp64", case.dtype == "fp64"),
-                                      ("lora", case.lora)) if on]
+                                      ("lora" if case.lora is True else f"lora-{case.lora}",
+                                       case.lora)) if on]
     return "-".join(parts)
 
 

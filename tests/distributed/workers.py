@@ -39,9 +39,11 @@ def family(name: str, capacity_factor=None) -> ModelConfig:
                          balance=dict(aux_loss_coef=0.01, bias_update_rate=0.01))
 
 
-def lora_config(name: str) -> LoRAConfig:
-    """Adapters on every kind of layer the family has; the base is frozen."""
-    targets = (["experts", "shared_experts", "dense_ffn", "attention"] if name == "deepseek"
+def lora_config(name: str, lora: bool | str = True) -> LoRAConfig:
+    """Adapters on every kind of layer the family has; lora="experts": on the routed experts
+    alone (the default targets: nothing but expert DTensors trains). The base is frozen."""
+    targets = (["experts"] if lora == "experts" else
+               ["experts", "shared_experts", "dense_ffn", "attention"] if name == "deepseek"
                else ["experts", "attention"])
     return LoRAConfig(rank=4, alpha=8.0, targets=targets)
 
@@ -78,7 +80,7 @@ class Case:
     dtype: str = "fp32"  # fp32 | fp64
     dp_replicate: int = 1  # HSDP groups
     defer_sync: bool = False  # FSDP accumulation with unsharded parameters and gradients
-    lora: bool = False  # a LoRA fine-tune: adapters train, the base is frozen
+    lora: bool | str = False  # a LoRA fine-tune (lora_config): adapters train, base frozen
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -173,7 +175,7 @@ def _parallel_run(rank: int, world_size: int, case: Case, steps: int) -> dict:
     with torch.device("meta"):  # as the trainer does: only this rank's shards are ever built
         model = Transformer(copy.deepcopy(cfg))
         if case.lora:
-            apply_lora(model, lora_config(case.family))
+            apply_lora(model, lora_config(case.family, case.lora))
     moe_forwards = ForwardCounter(model.moe_layers())  # twice per layer when recomputed
     module = parallelize(model, mesh, pcfg, seed=SEED, activation_checkpointing=case.recompute)
     init_state = gather_logical(model.state_dict())
