@@ -265,7 +265,8 @@ class ParallelConfig:
         _check(self.dp_replicate == 1 or dp_shard > 1,
                f"parallel.dp_replicate={self.dp_replicate} leaves one rank per shard group "
                f"(world size {world_size}): that is plain replication, use "
-               "parallel.data_parallel=ddp")
+               f"parallel.dp_replicate=1 parallel.data_parallel=ddp; valid: "
+               f"{[d for d in _divisors(world_size) if d < world_size]}")
         # ep must divide both the ranks it shards over and the experts
         valid = [d for d in _divisors(dp_shard) if num_experts is None or num_experts % d == 0]
         if self.dp_replicate == 1:

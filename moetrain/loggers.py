@@ -91,6 +91,8 @@ class RunLogger:
         """A collapse event {"step", "layer", "kind", "message"}: console, metrics, wandb."""
         self.write(f"WARNING: {event['message']} (step {event['step']})")
         self.event({"event": "collapse", **event})
+        if self.wandb is not None:  # the summary also reaches an offline run, once synced
+            self.wandb.summary[f"collapse/layer{event['layer']}/{event['kind']}"] = event["step"]
         if self.wandb is not None and self.mode == "online":
             self.wandb.alert(title="moetrain: expert collapse", text=event["message"])
 

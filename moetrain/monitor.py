@@ -40,8 +40,9 @@ class CollapseDetector:
     """Flags a layer when, for `patience` consecutive checks, some expert stays below
     `starve_fraction` of its fair share (1/E) or its normalised load entropy stays below the
     floor (patience on both, so a transient imbalance at initialisation is not a collapse).
-    Each (layer, kind) is reported once until it recovers. Deterministic in the loads, so every
-    rank reaches the same decision from the same all-reduced loads."""
+    Each starved expert, and each layer's low entropy, is reported once until it recovers: an
+    expert that starves in a layer already reported is a new event. Deterministic in the
+    loads, so every rank reaches the same decision from the same all-reduced loads."""
 
     def __init__(self, cfg: MonitorConfig, layer_ids: list[int], num_experts: int):
         self.cfg, self.layer_ids = cfg, layer_ids
@@ -65,13 +66,13 @@ class CollapseDetector:
         events, now_active = [], set()
         for i, layer in enumerate(self.layer_ids):
             experts = (self.starved_for[i] >= self.cfg.patience).nonzero().flatten().tolist()
-            if experts:
-                now_active.add((layer, "starved"))
-                if (layer, "starved") not in self.active:
-                    events.append({"layer": layer, "kind": "starved", "experts": experts,
-                                   "message": f"expert collapse in layer {layer}: experts "
-                                   f"{experts} below {self.cfg.starve_fraction:.0%} of their "
-                                   f"fair share for {self.cfg.patience} consecutive checks"})
+            now_active.update((layer, "starved", e) for e in experts)
+            new = [e for e in experts if (layer, "starved", e) not in self.active]
+            if new:
+                events.append({"layer": layer, "kind": "starved", "experts": new,
+                               "message": f"expert collapse in layer {layer}: experts {new} "
+                               f"below {self.cfg.starve_fraction:.0%} of their fair share for "
+                               f"{self.cfg.patience} consecutive checks"})
             if self.low_entropy_for[i] >= self.cfg.patience:
                 now_active.add((layer, "entropy"))
                 if (layer, "entropy") not in self.active:

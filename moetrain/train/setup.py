@@ -23,7 +23,10 @@ from moetrain.parallel.memory import format_bytes, state_bytes_per_rank
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE={value!r} must be an integer >= 1 (the number of ranks)")
+    return int(value)
 
 
 def apply_init_from_hf(cfg: RunConfig) -> str | None:

@@ -68,7 +68,9 @@ PARALLEL_INVALID = [
                               "valid: [1, 2, 4]"),
     (dict(dp_replicate=2, data_parallel="ddp"), 4, "parallel.dp_replicate=2 (HSDP) needs "
                                                    "parallel.data_parallel=fsdp, not 'ddp'"),
-    (dict(dp_replicate=4), 4, "parallel.dp_replicate=4 leaves one rank per shard group"),
+    (dict(dp_replicate=4), 4, "parallel.dp_replicate=4 leaves one rank per shard group "
+                              "(world size 4): that is plain replication, use "
+                              "parallel.dp_replicate=1 parallel.data_parallel=ddp; valid: [1, 2]"),
     (dict(dp_replicate=2, ep=3), 8, "parallel.ep=3 does not divide the 4 ranks of a shard "
                                     "group (world 8 / parallel.dp_replicate=2); valid: [1, 2, 4]"),
     (dict(ep=0), 4, "parallel.ep=0 must be >= 1"),
@@ -127,3 +129,15 @@ def test_huge_data_seeds_still_draw_an_order():
     for seed in (2**45, 2**63 - 1, -5):
         assert ShardedBlocks(torch.arange(8).unsqueeze(1), 2, 1, 0, 1, seed).next_batch().shape \
             == (2, 1)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "abc", ""])
+def test_a_bad_world_size_in_the_environment_is_one_line(monkeypatch, value):
+    from moetrain.train.setup import world_size_from_env
+    monkeypatch.setenv("WORLD_SIZE", value)
+    with pytest.raises(ValueError) as error:
+        world_size_from_env()
+    assert str(error.value) == (f"WORLD_SIZE={value!r} must be an integer >= 1 (the number of "
+                                "ranks)")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert world_size_from_env() == 4

@@ -125,6 +125,20 @@ def test_collapse_detector_patience_reporting_and_recovery():
                for e in detector.update(one_expert))
 
 
+def test_an_expert_starving_in_a_layer_already_reported_is_a_new_event():
+    detector = CollapseDetector(MonitorConfig(patience=2, entropy_floor=0.0), [0], 4)
+    first, both, second = ([[1.0, 100, 100, 100]], [[1.0, 1, 100, 100]],
+                           [[100.0, 1, 100, 100]])
+    reported = [[e["experts"] for e in detector.update(torch.tensor(loads))]
+                for loads in (first, first, both, both, second, second, second)]
+    # expert 0 at its 2nd check; expert 1 at its 2nd (while 0 is still starved), once
+    assert reported == [[], [[0]], [], [[1]], [], [], []]
+    state = detector.state_dict()
+    again = CollapseDetector(MonitorConfig(patience=2, entropy_floor=0.0), [0], 4)
+    again.load_state_dict(state)
+    assert again.update(torch.tensor(second)) == []  # still reported, across a resume
+
+
 class NaNAt:
     """Wraps Trainer.loss_on: the cross-entropy turns NaN during optimizer step `step`."""
 
@@ -514,3 +528,19 @@ def test_resuming_a_finished_run_says_so_and_leaves_its_files_alone(tmp_path, ca
         f"{run_dir}: the run is finished (step 2 of train.steps=2); raise train.steps to train "
         "on\n")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_collapse_reaches_the_wandb_summary_of_an_offline_run(tmp_path):
+    from types import SimpleNamespace
+
+    from moetrain.loggers import RunLogger
+    logger = RunLogger(LoggerConfig(wandb=WandbConfig(mode="disabled"), progress_bar=False,
+                                    plots=False), tmp_path, {}, "run", 10)
+    alerts = []
+    logger.wandb, logger.mode = SimpleNamespace(summary={}, alert=alerts.append), "offline"
+    logger.alert({"step": 7, "layer": 2, "kind": "starved", "experts": [5],
+                  "message": "expert collapse in layer 2"})
+    assert logger.wandb.summary == {"collapse/layer2/starved": 7}
+    assert alerts == []  # alerts need a server
+    logger.wandb = None
+    logger.close()
