@@ -255,16 +255,35 @@ class ShardedBlocks:
         self.micro_in_epoch = state["steps_in_epoch"] * self.grad_accum
 
 
+class Packer:
+    """Cuts a stream of documents, each followed by the end-of-document token, into blocks of
+    `block` tokens (as `pack` does in memory). `pending()`: the tokens read but not yet handed
+    out, which a resumed packer starts from."""
+
+    def __init__(self, tokenizer, column: str, block: int, pending: list[int] = ()):
+        self.tokenizer, self.column, self.block = tokenizer, column, block
+        self._buffer, self._start = list(pending), 0  # tokens before _start are handed out
+
+    def pending(self) -> list[int]:
+        return self._buffer[self._start:]
+
+    def blocks(self, ds):
+        """One pass over `ds`: its blocks, in order."""
+        block = self.block
+        for example in ds:
+            self._buffer.extend(self.tokenizer.encode(example[self.column] or ""))
+            self._buffer.append(self.tokenizer.eos_id)
+            while len(self._buffer) - self._start >= block:
+                row = self._buffer[self._start:self._start + block]
+                self._start += block
+                yield torch.tensor(row, dtype=torch.long)
+            del self._buffer[:self._start]  # once per document: linear in its length
+            self._start = 0
+
+
 def packed_stream(ds, column: str, tokenizer, block: int):
     """One pass over a stream of documents: blocks of `block` tokens, in order."""
-    buffer = []
-    for example in ds:
-        buffer.extend(tokenizer.encode(example[column] or ""))
-        buffer.append(tokenizer.eos_id)
-        full = len(buffer) // block * block
-        for start in range(0, full, block):
-            yield torch.tensor(buffer[start:start + block], dtype=torch.long)
-        del buffer[:full]  # once per document: linear in its length, however long
+    return Packer(tokenizer, column, block).blocks(ds)
 
 
 def check_same_corpus(saved: dict, now: dict) -> None:
@@ -298,8 +317,8 @@ class StreamingBlocks:
         self.rank, self.world = rank, world
         self.consumed, self.epoch = 0, 0
         self.ds = None  # this pass's share of the stream, once reading starts
-        self._buffer, self._start = [], 0  # tokens read; those before _start handed out
-        self._resume = None  # (stream position, tokens) the next pass starts from
+        self._packer = None  # and its packer
+        self._resume = None  # (stream position, pending tokens) the next pass starts from
         self._iter = self._blocks()
         with _read_errors(cfg, "train"):
             if next(packed_stream(self._share(), cfg.column, tokenizer, cfg.seq_len + 1),
@@ -317,23 +336,15 @@ class StreamingBlocks:
                           f"{self.world}")
 
     def _blocks(self):
-        block = self.cfg.seq_len + 1
         while True:
             self.ds, produced = self._share(), 0
             resumed, self._resume = self._resume, None
-            self._buffer, self._start = ([], 0) if resumed is None else (resumed[1], 0)
+            self._packer = Packer(self.tokenizer, self.cfg.column, self.cfg.seq_len + 1,
+                                  () if resumed is None else resumed[1])
             if resumed is not None:
                 self.ds.load_state_dict(resumed[0])
-            for example in self.ds:
-                self._buffer.extend(self.tokenizer.encode(example[self.cfg.column] or ""))
-                self._buffer.append(self.tokenizer.eos_id)
-                while len(self._buffer) - self._start >= block:
-                    row = self._buffer[self._start:self._start + block]
-                    self._start += block
-                    produced += 1
-                    yield torch.tensor(row, dtype=torch.long)
-                del self._buffer[:self._start]  # once per document: linear in its length
-                self._start = 0
+            for produced, row in enumerate(self._packer.blocks(self.ds), 1):
+                yield row
             if produced == 0 and resumed is None:
                 raise self._no_block()
             self.epoch += 1
@@ -346,9 +357,10 @@ class StreamingBlocks:
 
     def state_dict(self) -> dict:
         stream = None if self.ds is None else self.ds.state_dict()
+        pending = [] if self._packer is None else self._packer.pending()
         return {"consumed": self.consumed, "world": self.world,
                 "block_len": self.cfg.seq_len + 1, "epoch": self.epoch, "stream": stream,
-                "tokens": torch.tensor(self._buffer[self._start:], dtype=torch.long)}
+                "tokens": torch.tensor(pending, dtype=torch.long)}
 
     def load_state_dict(self, state: dict) -> None:
         check_same_corpus(state, {"block_len": self.cfg.seq_len + 1})
