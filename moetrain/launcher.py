@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 ENTRY = "moetrain.train"
-# 128 + SIGTERM, SIGINT, SIGUSR1 (143, 130, 138): a rank stopped cleanly on a signal
-STOP_CODES = tuple(128 + s for s in (15, 2, 10))
+# moetrain.train.preemption.SIGNALS (143, 130, 138: a rank stopped cleanly on a signal),
+# spelled out: importing the trainer package costs the launcher ~2 s
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_CODES = tuple(128 + s for s in STOP_SIGNALS)
 AGENT_SIGNALS = (15, 9)  # how torchrun's agent stops the other ranks once one has failed
 
 
@@ -68,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # torchrun's default list (TERM, INT, HUP, QUIT) plus USR1, which the ranks stop on
-    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    # torchrun's default list (TERM, INT, HUP, QUIT) plus what the ranks stop on
+    forwarded = ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"] + [s.name for s in STOP_SIGNALS]
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", ",".join(dict.fromkeys(forwarded)))
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.module and args.training_script == ENTRY:
         from moetrain.train.cli import preflight

@@ -48,3 +48,9 @@ def test_an_error_after_a_stop_signal_exits_as_that_stop(capsys):
     assert leaving.value.code == 143
     assert capsys.readouterr().err == ("moetrain: stopped by SIGTERM while another rank was "
                                        "leaving; no checkpoint written\n")
+
+
+def test_the_launcher_counts_as_stops_exactly_the_signals_the_ranks_stop_on():
+    from moetrain.launcher import STOP_CODES, STOP_SIGNALS
+    from moetrain.train.preemption import SIGNALS
+    assert STOP_SIGNALS == SIGNALS and STOP_CODES == (143, 130, 138)
