@@ -101,8 +101,7 @@ def load_texts(cfg: DataConfig, split: str):
             raise ValueError(f"data.path={cfg.path!r} (data.source='hub', split {name!r}) "
                              f"could not be loaded: {type(error).__name__}: {reason}") from None
     else:
-        path, field = (cfg.path, "data.path") if split == "train" else (cfg.val_path,
-                                                                       "data.val_path")
+        field, path = source_name(cfg, split)
         if path is None:
             return None
         files = _local_files(path, field)
